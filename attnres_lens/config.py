@@ -1,0 +1,160 @@
+"""`AttnResConfig`: a TransformerLens config for a Qwen3 backbone with Block AttnRes routing.
+
+Field names follow TransformerLens (``d_model``, ``n_layers``, ``n_heads``, ...). The routing
+fields describe which of the two flavours in ``shared/spec/attnres.md`` the model computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional
+
+import torch
+
+from .compat import TransformerLensConfig
+
+FLAVOURS = ("kimi", "cumulative")
+ROUTING_MODES = ("block", "full")
+Flavour = Literal["kimi", "cumulative"]
+RoutingMode = Literal["block", "full"]
+
+
+@dataclass
+class AttnResConfig(TransformerLensConfig):
+    """Configuration of a :class:`~attnres_lens.HookedAttnResTransformer`.
+
+    Backbone (Qwen3) fields keep their TransformerLens names and meaning. ``d_head`` may differ
+    from ``d_model / n_heads`` (Qwen3 allows it: ``o_proj`` maps ``n_heads * d_head`` back to
+    ``d_model``). ``n_heads`` is inferred as ``d_model // d_head`` only when left unset.
+
+    Routing fields:
+
+    - ``flavour``: ``"kimi"`` (Block AttnRes of the Kimi report, block summaries + partial sum,
+      with a final router) or ``"cumulative"`` (snapshots of the cumulative stream, a recency bias,
+      no final router).
+    - ``routing_mode``: ``"block"`` (sources are blocks of layers) or ``"full"`` (every sublayer
+      output is its own source in kimi; a snapshot after every sublayer in cumulative).
+    - ``n_blocks`` / ``layers_per_block``: give either. ``layers_per_block`` is
+      ``max(1, ceil(n_layers / n_blocks))`` as in the spec; the last block may be shorter.
+    - ``router_bias``: whether every router has a scalar recency bias on its last source.
+      Defaults to ``True`` for cumulative and ``False`` for kimi (the spec's formats).
+    - ``recency_bias_init``: the bias value a freshly built model starts with.
+    - ``tie_word_embeddings``: whether the unembedding shares the embedding matrix.
+    """
+
+    d_model: int = 64
+    d_head: int = 16
+    n_layers: int = 2
+    n_ctx: int = 2048
+    n_heads: int = -1
+    d_mlp: Optional[int] = None
+    d_vocab: int = 256
+    n_key_value_heads: Optional[int] = None
+    eps: float = 1e-6
+    act_fn: str = "silu"
+    normalization_type: Optional[str] = "RMS"
+    uses_rms_norm: bool = True
+    final_rms: bool = True
+    gated_mlp: bool = True
+    positional_embedding_type: str = "rotary"
+    default_prepend_bos: bool = False
+    rotary_base: float = 10000.0
+    initializer_range: float = 0.02
+    model_name: str = "custom"
+    tokenizer_name: Optional[str] = None
+
+    flavour: str = "kimi"
+    routing_mode: str = "block"
+    n_blocks: Optional[int] = None
+    layers_per_block: Optional[int] = None
+    router_bias: Optional[bool] = None
+    recency_bias_init: float = 0.0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_head", "n_layers", "n_ctx", "d_vocab"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_heads != -1 and (not isinstance(self.n_heads, int) or self.n_heads < 1):
+            raise ValueError(f"n_heads must be a positive int (or -1 to infer), got {self.n_heads!r}")
+        if self.n_heads == -1 and self.d_model % self.d_head != 0:
+            raise ValueError(
+                f"n_heads was not given, so it is inferred as d_model / d_head, but d_model="
+                f"{self.d_model} is not a multiple of d_head={self.d_head}; pass n_heads explicitly "
+                "(Qwen3 allows n_heads * d_head != d_model)"
+            )
+        super().__post_init__()
+        if self.d_mlp is None or self.d_mlp < 1:
+            raise ValueError(f"d_mlp must be a positive int, got {self.d_mlp!r}")
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.n_key_value_heads < 1 or self.n_heads % self.n_key_value_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be divisible by n_key_value_heads="
+                f"{self.n_key_value_heads} (grouped-query attention shares each key/value head "
+                f"between n_heads / n_key_value_heads query heads); valid n_key_value_heads: "
+                f"{[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}"
+            )
+        if self.act_fn != "silu":
+            raise ValueError(f"act_fn must be 'silu' (Qwen3's SwiGLU MLP), got {self.act_fn!r}")
+        if not (self.eps > 0):
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+        if self.routing_mode not in ROUTING_MODES:
+            raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}")
+        self._resolve_blocks()
+        if self.router_bias is None:
+            self.router_bias = self.flavour == "cumulative"
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+
+    def _resolve_blocks(self) -> None:
+        if self.n_blocks is None and self.layers_per_block is None:
+            self.n_blocks = self.n_layers
+        if self.n_blocks is not None:
+            if not isinstance(self.n_blocks, int) or not 1 <= self.n_blocks <= self.n_layers:
+                raise ValueError(
+                    f"n_blocks must be an int in [1, n_layers={self.n_layers}], got {self.n_blocks!r}"
+                )
+            per_block = max(1, math.ceil(self.n_layers / self.n_blocks))
+            if self.layers_per_block is not None and self.layers_per_block != per_block:
+                raise ValueError(
+                    f"layers_per_block={self.layers_per_block} contradicts n_blocks={self.n_blocks} "
+                    f"(which gives ceil({self.n_layers} / {self.n_blocks}) = {per_block}); give one"
+                )
+            self.layers_per_block = per_block
+        else:
+            if not isinstance(self.layers_per_block, int) or not (
+                1 <= self.layers_per_block <= self.n_layers
+            ):
+                raise ValueError(
+                    f"layers_per_block must be an int in [1, n_layers={self.n_layers}], got "
+                    f"{self.layers_per_block!r}"
+                )
+            self.n_blocks = math.ceil(self.n_layers / self.layers_per_block)
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def n_sublayers(self) -> int:
+        """Attention and MLP sublayers, in order attn_0, mlp_0, attn_1, ..."""
+        return 2 * self.n_layers
+
+    @property
+    def has_final_router(self) -> bool:
+        return self.flavour == "kimi"
+
+    def block_of_layer(self, layer: int) -> int:
+        return layer // self.layers_per_block
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "AttnResConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config_dict.items() if k in known})
