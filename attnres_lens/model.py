@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .compat import ActivationCache, HookedRootModule, HookPoint
 from .components import Attention, GatedMLP, RMSNorm, rotary_cos_sin
 from .config import AttnResConfig
+from .schedule import RoutingSchedule
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
 from .tokenizer import ByteTokenizer
 
@@ -126,7 +127,9 @@ class HookedAttnResTransformer(HookedRootModule):
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         #: How the routing was set when a plain Qwen3 was wrapped (see ``attnres_lens.loading``).
-        self.schedule: dict[str, Any] = {"kind": "none"}
+        self.schedule = RoutingSchedule()
+        #: Which checkpoint format the weights came from ("fresh" when built from a config).
+        self.checkpoint_format = "fresh"
         self._rotary_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._router_specs = source_layout(cfg)
         if init_weights:
@@ -163,6 +166,58 @@ class HookedAttnResTransformer(HookedRootModule):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+
+    # ---------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: Any,
+        *,
+        flavour: Optional[str] = None,
+        schedule: Optional[str] = None,
+        recency_bias: Optional[float] = None,
+        n_blocks: Optional[int] = None,
+        dtype: Optional[Union[torch.dtype, str]] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        tokenizer: Any = None,
+    ) -> "HookedAttnResTransformer":
+        """Load a checkpoint, or wrap a vanilla Qwen3.
+
+        ``source`` is a local directory, an in-memory ``transformers.Qwen3ForCausalLM`` or a hub
+        id. What it holds is detected (see :mod:`attnres_lens.loading`):
+
+        - a vanilla ``qwen3`` checkpoint is wrapped with ``flavour="kimi"`` and
+          ``schedule="uniform"`` (all queries zero: every router averages its sources, which
+          computes the vanilla function with each routed norm's eps scaled by ``n_sources**2``)
+          or ``flavour="cumulative"`` and ``schedule="recency"`` with ``recency_bias=b`` (routing
+          weights exactly ``e^b / (e^b + n - 1)`` on the current stream; vanilla as b -> inf).
+          ``n_blocks`` defaults to ``min(8, n_layers)``;
+        - a ``qwen3_attnres`` checkpoint (cumulative in block or full mode, or kimi in block
+          mode), its flavour decided by its router keys;
+        - a checkpoint written by :meth:`save_pretrained`, schedule included.
+
+        ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
+        """
+        from .loading import load_pretrained
+
+        return load_pretrained(
+            source,
+            flavour=flavour,
+            schedule=schedule,
+            recency_bias=recency_bias,
+            n_blocks=n_blocks,
+            dtype=dtype,
+            device=device,
+            tokenizer=tokenizer,
+        )
+
+    def save_pretrained(self, directory: Any, *, max_shard_size: Union[int, str, None] = None) -> Any:
+        """Write ``config.json`` + safetensors in the ``qwen3_attnres`` layout of this model's
+        flavour (loadable by that flavour's original codebase), plus this library's metadata
+        (schedule, routing mode) under the ``attnres_lens`` config key."""
+        from .loading import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     # ---------------------------------------------------------------------- routing layout
     @property
@@ -290,9 +345,9 @@ class HookedAttnResTransformer(HookedRootModule):
                 input = self.to_tokens(input)
         tokens = self.validate_tokens(input)
         state = self.run_from(self.initial_state(tokens))
+        logits = self.readout(state)
         if return_type is None:
             return None
-        logits = self.readout(state)
         if return_type == "logits":
             return logits
         loss = self.loss_fn(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
@@ -491,5 +546,5 @@ class HookedAttnResTransformer(HookedRootModule):
         return (
             f"flavour={c.flavour!r}, routing_mode={c.routing_mode!r}, "
             f"n_layers={c.n_layers}, layers_per_block={c.layers_per_block}, d_model={c.d_model}, "
-            f"schedule={self.schedule.get('kind')!r}"
+            f"schedule={self.schedule.kind!r}"
         )

@@ -1,0 +1,642 @@
+"""Loading and saving checkpoints (``shared/spec/attnres.md``, "Checkpoint formats").
+
+Three kinds of weights load into :class:`~attnres_lens.HookedAttnResTransformer`:
+
+1. A vanilla Hugging Face ``qwen3`` checkpoint (a local directory, an in-memory
+   ``Qwen3ForCausalLM`` or a hub id), wrapped with a routing schedule that reproduces the
+   vanilla function: ``flavour="kimi", schedule="uniform"`` or
+   ``flavour="cumulative", schedule="recency", recency_bias=b``.
+2. A ``qwen3_attnres`` checkpoint. Both public codebases use that ``model_type``; the flavour is
+   decided by the router keys, as the spec says: ``*_res_bias`` keys mean cumulative (block or
+   full mode), ``model.final_res_proj.weight`` means kimi (block mode only).
+3. A checkpoint written by :func:`save_pretrained` (the ``qwen3_attnres`` layout of the
+   model's flavour plus an ``attnres_lens`` entry in ``config.json``).
+
+Everything is checked before any tensor is read: the config, the key set against the format
+that was assumed, and every tensor's shape. Weights are read one tensor at a time straight into
+a model built on the ``meta`` device, so the peak memory is the model plus one tensor.
+Pickles are only read through ``torch.load(weights_only=True)``; remote code is never run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import AttnResConfig
+from .model import HookedAttnResTransformer
+from .schedule import RoutingSchedule
+from .tokenizer import ByteTokenizer
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_attnres")
+SUPPORTED_ATTNRES_MODES = ("block", "full")
+SUPPORTED_GATE_TYPES = ("bias",)
+WRAP_SCHEDULES = {"kimi": ("uniform",), "cumulative": ("recency",)}
+DEFAULT_WRAP_BLOCKS = 8
+LIBRARY_KEY = "attnres_lens"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+# Buffers some Hugging Face versions saved; they carry no weights of the model.
+_IGNORED_KEYS_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# ------------------------------------------------------------------------- key mapping
+_LAYER_KEYS = {
+    "input_layernorm.weight": "ln1.weight",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.o_proj.weight",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
+    "post_attention_layernorm.weight": "ln2.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_ROUTER_KEYS = {
+    "attn_res_proj.weight": "attn_router.proj.weight",
+    "attn_res_norm.weight": "attn_router.norm.weight",
+    "attn_res_bias": "attn_router.bias",
+    "mlp_res_proj.weight": "mlp_router.proj.weight",
+    "mlp_res_norm.weight": "mlp_router.norm.weight",
+    "mlp_res_bias": "mlp_router.bias",
+}
+
+
+def key_map(cfg: AttnResConfig, *, with_routers: bool) -> dict[str, str]:
+    """Checkpoint key -> our parameter name, for every weight a checkpoint of ``cfg`` holds.
+
+    ``with_routers=False`` gives the keys of a vanilla ``qwen3`` checkpoint."""
+    keys = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "ln_final.weight"}
+    if not cfg.tie_word_embeddings:
+        keys["lm_head.weight"] = "unembed.weight"
+    for layer in range(cfg.n_layers):
+        for hf, ours in _LAYER_KEYS.items():
+            keys[f"model.layers.{layer}.{hf}"] = f"blocks.{layer}.{ours}"
+        if with_routers:
+            for hf, ours in _ROUTER_KEYS.items():
+                if hf.endswith("_bias") and not cfg.router_bias:
+                    continue
+                keys[f"model.layers.{layer}.{hf}"] = f"blocks.{layer}.{ours}"
+    if with_routers and cfg.has_final_router:
+        keys["model.final_res_proj.weight"] = "final_router.proj.weight"
+        keys["model.final_res_norm.weight"] = "final_router.norm.weight"
+    return keys
+
+
+# ------------------------------------------------------------------------- weight files
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as what it claims to be."""
+
+
+@dataclass
+class WeightFiles:
+    """The weight files of a checkpoint directory, indexed by key without reading tensors."""
+
+    directory: Path
+    key_to_file: dict[str, Path] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kind: str = "safetensors"
+
+    @classmethod
+    def find(cls, directory: Path) -> "WeightFiles":
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        files = cls(directory)
+        if (directory / SAFE_INDEX).exists():
+            files._index_safetensors(directory / SAFE_INDEX)
+        elif (directory / SAFE_WEIGHTS).exists():
+            files._add_safetensors(directory / SAFE_WEIGHTS)
+        elif (directory / TORCH_INDEX).exists() or (directory / TORCH_WEIGHTS).exists():
+            files.kind = "torch"
+            if (directory / TORCH_INDEX).exists():
+                shard_names = sorted(set(_read_json(directory / TORCH_INDEX)["weight_map"].values()))
+            else:
+                shard_names = [TORCH_WEIGHTS]
+            for name in shard_names:
+                for key, tensor in _torch_load(directory / name).items():
+                    files.key_to_file[key] = directory / name
+                    files.shapes[key] = tuple(tensor.shape)
+        else:
+            raise FileNotFoundError(
+                f"no weights in {str(directory)!r}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, "
+                f"{TORCH_WEIGHTS} or {TORCH_INDEX}; the directory holds {present}"
+            )
+        return files
+
+    def _index_safetensors(self, index_path: Path) -> None:
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
+        for shard in sorted(set(weight_map.values())):
+            shard_path = index_path.parent / shard
+            if not shard_path.exists():
+                raise FileNotFoundError(f"{str(index_path)!r} names shard {shard!r}, which is missing")
+            self._add_safetensors(shard_path)
+        indexed, found = set(weight_map), set(self.key_to_file)
+        if indexed != found:
+            raise CheckpointError(
+                f"{str(index_path)!r} disagrees with its shards: in the index only "
+                f"{_preview(indexed - found)}, in the shards only {_preview(found - indexed)}"
+            )
+
+    def _add_safetensors(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    self.key_to_file[key] = path
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises its own error types for bad files
+            raise CheckpointError(
+                f"cannot read safetensors file {str(path)!r} (truncated or corrupted?): {err}"
+            ) from err
+
+    def keys(self) -> set[str]:
+        return {k for k in self.key_to_file if not k.endswith(_IGNORED_KEYS_SUFFIXES)}
+
+    def read(self, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(key, tensor)`` one at a time, grouped by file."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.key_to_file[key], []).append(key)
+        for path, file_keys in by_file.items():
+            if self.kind == "torch":
+                state = _torch_load(path)
+                for key in file_keys:
+                    yield key, state[key]
+                del state
+                continue
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for key in file_keys:
+                        yield key, handle.get_tensor(key)
+            except CheckpointError:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"cannot read tensors from {str(path)!r}: {err}") from err
+
+
+def _torch_load(path: Path) -> dict[str, Tensor]:
+    # weights_only=True: a pickle can only rebuild tensors and plain containers, never run code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {str(path)!r} with torch.load(weights_only=True): {err}") from err
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read JSON file {str(path)!r}: {err}") from err
+
+
+def _preview(keys: Any, limit: int = 8) -> str:
+    keys = sorted(keys)
+    if not keys:
+        return "nothing"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
+
+
+# ------------------------------------------------------------------------- configs
+def config_from_hf(
+    hf: dict[str, Any],
+    *,
+    flavour: str,
+    routing_mode: str,
+    n_blocks: int,
+    router_bias: Optional[bool] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[str] = None,
+) -> AttnResConfig:
+    """An :class:`AttnResConfig` from a Hugging Face Qwen3 config dict (``config.json``)."""
+    if hf.get("attention_bias"):
+        raise CheckpointError("attention_bias=True is not Qwen3 as the spec defines it (no biases)")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError("sliding-window attention (use_sliding_window=True) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act must be 'silu' for Qwen3, got {hf.get('hidden_act')!r}")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
+    if rope_type != "default":
+        raise CheckpointError(f"rope type {rope_type!r} is not supported; only 'default' rotary is")
+    rotary_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        n_heads = int(hf["num_attention_heads"])
+        d_model = int(hf["hidden_size"])
+        return AttnResConfig(
+            d_model=d_model,
+            d_head=int(hf.get("head_dim") or d_model // n_heads),
+            n_heads=n_heads,
+            n_key_value_heads=int(hf.get("num_key_value_heads") or n_heads),
+            n_layers=int(hf["num_hidden_layers"]),
+            d_mlp=int(hf["intermediate_size"]),
+            d_vocab=int(hf["vocab_size"]),
+            n_ctx=int(hf.get("max_position_embeddings", 2048)),
+            eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rotary_base=float(rotary_base),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            model_name=str(hf.get("_name_or_path") or hf.get("name_or_path") or "custom"),
+            flavour=flavour,
+            routing_mode=routing_mode,
+            n_blocks=n_blocks,
+            router_bias=router_bias,
+            recency_bias_init=float(hf.get("attnres_recency_bias_init", 0.0)),
+            dtype=dtype,
+            device=device,
+        )
+    except KeyError as err:
+        raise CheckpointError(f"the config lacks the Qwen3 field {err.args[0]!r}") from err
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """What a checkpoint holds, decided from its config and key set."""
+
+    name: str  # "qwen3", "qwen3_attnres/cumulative", "qwen3_attnres/kimi", "attnres_lens"
+    flavour: str
+    routing_mode: str
+    n_blocks: int
+    with_routers: bool
+    schedule: RoutingSchedule
+
+
+def detect_format(
+    hf: dict[str, Any],
+    keys: set[str],
+    *,
+    flavour: Optional[str] = None,
+    schedule: Optional[str] = None,
+    recency_bias: Optional[float] = None,
+    n_blocks: Optional[int] = None,
+) -> CheckpointFormat:
+    """Decide the format per the spec, refusing anything it does not describe."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = hf.get("architectures")
+        raise ValueError(
+            f"unsupported model_type {model_type!r} (architectures {arch}); attnres_lens loads "
+            f"{SUPPORTED_MODEL_TYPES}: a vanilla Qwen3 (wrapped with a schedule) or a Qwen3 "
+            "Block AttnRes checkpoint"
+        )
+    if model_type == "qwen3":
+        return _vanilla_format(hf, flavour, schedule, recency_bias, n_blocks)
+
+    mode = hf.get("attnres_mode", "block")
+    if mode not in SUPPORTED_ATTNRES_MODES:
+        raise CheckpointError(
+            f"attnres_mode {mode!r} is not supported; supported modes are {SUPPORTED_ATTNRES_MODES}"
+        )
+    gate = hf.get("attnres_gate_type", "bias")
+    if gate not in SUPPORTED_GATE_TYPES:
+        raise CheckpointError(
+            f"attnres_gate_type {gate!r} is not supported; supported gate types are {SUPPORTED_GATE_TYPES}"
+        )
+    blocks = hf.get("attnres_num_blocks")
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        raise CheckpointError(f"attnres_num_blocks must be a positive int, got {blocks!r}")
+    if n_blocks is not None and n_blocks != blocks:
+        raise ValueError(f"n_blocks={n_blocks} contradicts the checkpoint's attnres_num_blocks={blocks}")
+    if schedule is not None or recency_bias is not None:
+        raise ValueError(
+            "schedule/recency_bias only apply when wrapping a vanilla qwen3 checkpoint; this is a "
+            "qwen3_attnres checkpoint whose routing is stored in it"
+        )
+
+    has_bias = any(k.endswith(("attn_res_bias", "mlp_res_bias")) for k in keys)
+    has_final = "model.final_res_proj.weight" in keys or "model.final_res_norm.weight" in keys
+    has_router = any("_res_proj.weight" in k for k in keys)
+    if has_bias and has_final:
+        raise CheckpointError(
+            "ambiguous qwen3_attnres checkpoint: it has recency-bias keys (*_res_bias, the "
+            "cumulative flavour) and a final router (model.final_res_*, the kimi flavour)"
+        )
+    if has_bias:
+        detected = "cumulative"
+    elif has_final:
+        detected = "kimi"
+    elif has_router:
+        raise CheckpointError(
+            "qwen3_attnres checkpoint with router keys but neither *_res_bias keys (cumulative "
+            "flavour) nor model.final_res_proj.weight (kimi flavour): the flavour cannot be decided"
+        )
+    else:
+        raise CheckpointError(
+            "qwen3_attnres checkpoint without any router keys (model.layers.{l}.attn_res_proj."
+            "weight ...); is it a vanilla qwen3 checkpoint with the wrong model_type?"
+        )
+    if flavour is not None and flavour != detected:
+        raise ValueError(f"flavour={flavour!r} was asked for, but the checkpoint's keys say {detected!r}")
+
+    library = hf.get(LIBRARY_KEY) or {}
+    saved_schedule = RoutingSchedule.from_dict(library.get("schedule"))
+    if detected == "kimi" and mode != "block" and not library:
+        raise CheckpointError(
+            f"kimi-flavour checkpoints are only supported in attnres_mode 'block', got {mode!r}"
+        )
+    name = LIBRARY_KEY if library else f"qwen3_attnres/{detected}"
+    return CheckpointFormat(name, detected, mode, blocks, True, saved_schedule)
+
+
+def _vanilla_format(
+    hf: dict, flavour: Optional[str], schedule: Optional[str], recency_bias: Optional[float], n_blocks: Optional[int]
+) -> CheckpointFormat:
+    if flavour is None:
+        raise ValueError(
+            "a vanilla qwen3 checkpoint must be wrapped: pass flavour='kimi' (schedule 'uniform') "
+            "or flavour='cumulative' (schedule 'recency' with recency_bias=b)"
+        )
+    if flavour not in WRAP_SCHEDULES:
+        raise ValueError(f"flavour must be one of {tuple(WRAP_SCHEDULES)}, got {flavour!r}")
+    schedule = schedule or WRAP_SCHEDULES[flavour][0]
+    if schedule not in WRAP_SCHEDULES[flavour]:
+        raise ValueError(
+            f"schedule {schedule!r} does not reproduce a vanilla Qwen3 in the {flavour!r} flavour; "
+            f"valid: {WRAP_SCHEDULES[flavour]} (kimi: 'uniform'; cumulative: 'recency')"
+        )
+    if schedule == "recency":
+        if recency_bias is None:
+            raise ValueError("schedule 'recency' needs recency_bias=b (e.g. 3.0; larger b is closer to vanilla)")
+        routing = RoutingSchedule("recency", float(recency_bias))
+    else:
+        if recency_bias is not None:
+            raise ValueError(f"recency_bias only applies to schedule 'recency', not {schedule!r}")
+        routing = RoutingSchedule("uniform")
+    n_layers = int(hf["num_hidden_layers"])
+    blocks = min(DEFAULT_WRAP_BLOCKS, n_layers) if n_blocks is None else n_blocks
+    return CheckpointFormat("qwen3", flavour, "block", blocks, False, routing)
+
+
+# ------------------------------------------------------------------------- loading
+def load_pretrained(
+    source: Union[str, os.PathLike, nn.Module],
+    *,
+    flavour: Optional[str] = None,
+    schedule: Optional[str] = None,
+    recency_bias: Optional[float] = None,
+    n_blocks: Optional[int] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    tokenizer: Any = None,
+) -> HookedAttnResTransformer:
+    """See :meth:`HookedAttnResTransformer.from_pretrained`."""
+    dtype = _resolve_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(source, nn.Module):
+        hf, keys, read, shapes, directory = _from_module(source)
+    else:
+        directory = _resolve_directory(source)
+        hf = _read_json(directory / "config.json") if (directory / "config.json").exists() else None
+        if hf is None:
+            raise FileNotFoundError(f"no config.json in {str(directory)!r}")
+        if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            detect_format(hf, set())  # raises the unsupported-architecture error first
+        files = WeightFiles.find(directory)
+        keys, read, shapes = files.keys(), files.read, files.shapes
+
+    fmt = detect_format(hf, keys, flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks)
+    library = hf.get(LIBRARY_KEY) or {}
+    cfg = config_from_hf(
+        hf,
+        flavour=fmt.flavour,
+        routing_mode=fmt.routing_mode,
+        n_blocks=fmt.n_blocks,
+        router_bias=library.get("router_bias"),
+        dtype=dtype,
+        device=str(device),
+    )
+    expected = key_map(cfg, with_routers=fmt.with_routers)
+    _check_keys(keys, expected, fmt, cfg)
+    with torch.device("meta"):
+        model = HookedAttnResTransformer(cfg, tokenizer=ByteTokenizer(), init_weights=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _check_shapes(shapes, expected, params, fmt)
+
+    state: dict[str, Tensor] = {}
+    for key, tensor in read(sorted(expected)):
+        state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
+    if not fmt.with_routers:
+        _add_schedule_routers(model, state, fmt.schedule, device, dtype)
+    if cfg.tie_word_embeddings:
+        state["unembed.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.schedule = fmt.schedule
+    model.checkpoint_format = fmt.name
+    model.tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(directory, cfg)
+    return model
+
+
+def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in allowed:
+            raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype!r}")
+        return allowed[dtype]
+    if dtype not in allowed.values():
+        raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype}")
+    return dtype
+
+
+def _resolve_directory(source: Union[str, os.PathLike]) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{str(source)!r} is a file; pass the checkpoint directory")
+    name = str(source)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name!r} is neither a local directory nor a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.tiktoken"],
+            )
+        )
+    except Exception as err:
+        raise OSError(f"could not fetch {name!r} from the Hugging Face hub: {err}") from err
+
+
+def _from_module(source: nn.Module):
+    config = getattr(source, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError(
+            f"an in-memory source must be a Hugging Face model (e.g. transformers.Qwen3ForCausalLM), "
+            f"got {type(source).__name__}"
+        )
+    hf = config.to_dict()
+    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        detect_format(hf, set())
+    if not hasattr(source, "lm_head"):
+        raise TypeError(
+            f"{type(source).__name__} has no language-model head; pass a Qwen3ForCausalLM"
+        )
+    weights = source.state_dict()  # references only; copied tensor by tensor below
+    if hf.get("tie_word_embeddings"):
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+
+    def read(keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+        for key in keys:
+            yield key, weights[key].detach()
+
+    keys = {k for k in weights if not k.endswith(_IGNORED_KEYS_SUFFIXES)}
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    return hf, keys, read, shapes, None
+
+
+def _check_keys(keys: set[str], expected: dict[str, str], fmt: CheckpointFormat, cfg: AttnResConfig) -> None:
+    present = set(keys)
+    if cfg.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some exporters keep the tied copy
+    missing, unexpected = set(expected) - present, present - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint keys do not match the assumed format {fmt.name!r} (flavour "
+            f"{fmt.flavour!r}, mode {fmt.routing_mode!r}, {cfg.n_layers} layers): missing "
+            f"{_preview(missing)}; unexpected {_preview(unexpected)}"
+        )
+
+
+def _check_shapes(
+    shapes: dict[str, tuple[int, ...]], expected: dict[str, str], params: dict[str, Tensor], fmt: CheckpointFormat
+) -> None:
+    wrong = [
+        f"{key}: {shapes[key]} (config says {tuple(params[ours].shape)})"
+        for key, ours in expected.items()
+        if tuple(shapes[key]) != tuple(params[ours].shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"tensor shapes contradict the config (format {fmt.name!r}): " + "; ".join(wrong[:8])
+            + (f"; ... ({len(wrong) - 8} more)" if len(wrong) > 8 else "")
+        )
+
+
+def _add_schedule_routers(
+    model: HookedAttnResTransformer,
+    state: dict[str, Tensor],
+    schedule: RoutingSchedule,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Router weights of a wrap: zero queries, unit key gains, the schedule's bias."""
+    for spec, router in model.routers():
+        state[f"{spec.name}.proj.weight"] = torch.zeros(1, model.cfg.d_model, device=device, dtype=dtype)
+        state[f"{spec.name}.norm.weight"] = torch.ones(model.cfg.d_model, device=device, dtype=dtype)
+        if router.bias is not None:
+            state[f"{spec.name}.bias"] = torch.tensor(schedule.bias, device=device, dtype=dtype)
+
+
+def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if directory is not None and any((directory / n).exists() for n in names):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+    return ByteTokenizer()
+
+
+# ------------------------------------------------------------------------- saving
+def hf_config_dict(model: HookedAttnResTransformer) -> dict[str, Any]:
+    """The ``config.json`` of ``model`` in the ``qwen3_attnres`` layout of its flavour."""
+    cfg = model.cfg
+    if cfg.flavour == "kimi" and cfg.router_bias:
+        raise ValueError("a kimi-flavour model with router biases has no qwen3_attnres layout (kimi has no *_res_bias)")
+    if cfg.flavour == "cumulative" and not cfg.router_bias:
+        raise ValueError("a cumulative-flavour model without router biases has no qwen3_attnres layout")
+    out: dict[str, Any] = {
+        "architectures": ["Qwen3AttnResForCausalLM"],
+        "model_type": "qwen3_attnres",
+        "vocab_size": cfg.d_vocab,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_key_value_heads,
+        "head_dim": cfg.d_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.eps,
+        "rope_theta": cfg.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "initializer_range": cfg.initializer_range,
+        "torch_dtype": str(cfg.dtype).removeprefix("torch."),
+        "attnres_num_blocks": cfg.n_blocks,
+        "attnres_mode": cfg.routing_mode,
+        "attnres_gate_type": "bias",
+    }
+    if cfg.flavour == "cumulative":
+        out["attnres_recency_bias_init"] = cfg.recency_bias_init
+    from . import __version__
+
+    out[LIBRARY_KEY] = {
+        "version": __version__,
+        "flavour": cfg.flavour,
+        "routing_mode": cfg.routing_mode,
+        "layers_per_block": cfg.layers_per_block,
+        "router_bias": cfg.router_bias,
+        "schedule": model.schedule.to_dict(),
+        "tokenizer": "byte" if isinstance(model.tokenizer, ByteTokenizer) else "hf",
+    }
+    return out
+
+
+def save_pretrained(
+    model: HookedAttnResTransformer,
+    directory: Union[str, os.PathLike],
+    *,
+    max_shard_size: Union[int, str, None] = None,
+) -> Path:
+    """Write ``config.json`` and safetensors (sharded with an index when ``max_shard_size`` is
+    given, e.g. ``"200MB"``) in the ``qwen3_attnres`` layout of the model's flavour, and the
+    tokenizer when it is a Hugging Face one."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    config = hf_config_dict(model)  # validates before anything is written
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ours_to_hf = {ours: hf for hf, ours in key_map(model.cfg, with_routers=True).items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {hf: params[ours].detach().contiguous() for ours, hf in ours_to_hf.items()}
+
+    for stale in (SAFE_WEIGHTS, SAFE_INDEX):
+        (directory / stale).unlink(missing_ok=True)
+    if max_shard_size is None:
+        save_file(tensors, str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
+    else:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+        for shard_file, shard_keys in split.filename_to_tensors.items():
+            save_file({k: tensors[k] for k in shard_keys}, str(directory / shard_file), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": split.tensor_to_filename}
+            (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    if not isinstance(model.tokenizer, ByteTokenizer) and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(str(directory))
+    return directory
