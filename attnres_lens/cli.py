@@ -1,0 +1,388 @@
+"""The ``attnres-lens`` command line.
+
+Subcommands::
+
+    attnres-lens demo                      # the paper's protocol on the bundled models
+    attnres-lens train [options]           # train an AttnRes model or a Qwen3 baseline
+    attnres-lens inspect SOURCE            # format, flavour, schedule, routers, source table
+    attnres-lens probe SOURCE --text FILE  # mass vs effect on any checkpoint
+
+Every subcommand has ``--help``. Errors are reported as one line on stderr with a non-zero exit
+code (2 for bad arguments, 1 for anything that fails while running); set the environment
+variable ``ATTNRES_LENS_DEBUG=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PROG = "attnres-lens"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+# ============================================================================ helpers
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_wrap_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "wrapping a vanilla Qwen3 (ignored for AttnRes checkpoints, whose routing is stored)"
+    )
+    g.add_argument("--flavour", choices=("kimi", "cumulative"), help="flavour to wrap a vanilla qwen3 checkpoint in")
+    g.add_argument(
+        "--schedule",
+        choices=("uniform", "recency"),
+        help="wrap schedule (kimi: uniform; cumulative: recency); default: the flavour's own",
+    )
+    g.add_argument("--recency-bias", type=_float, help="recency bias b of the 'recency' schedule")
+    g.add_argument("--n-blocks", type=_positive_int, help="AttnRes blocks of the wrap (default min(8, layers))")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default="cpu", help="torch device to load the model on")
+
+
+def _load_source(args: argparse.Namespace) -> Any:
+    from .model import HookedAttnResTransformer
+
+    source = args.source
+    wrap = {
+        "flavour": args.flavour,
+        "schedule": args.schedule,
+        "recency_bias": args.recency_bias,
+        "n_blocks": args.n_blocks,
+    }
+    if (
+        args.flavour == "cumulative"
+        and args.recency_bias is None
+        and _is_vanilla_qwen3(source)
+    ):
+        raise CLIError(
+            "--flavour cumulative wraps a vanilla qwen3 with the recency schedule: give "
+            "--recency-bias B (e.g. 3; the larger B, the closer to the vanilla function)"
+        )
+    return HookedAttnResTransformer.from_pretrained(
+        source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device
+    )
+
+
+# ============================================================================ train
+_TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    # (flag, TrainConfig field, argparse kwargs)
+    ("--arch", "arch", {"choices": ("kimi", "cumulative", "qwen3"), "help": "what to train: an AttnRes flavour, or the standard-residual Qwen3 baseline"}),
+    ("--routing-mode", "routing_mode", {"choices": ("block", "full"), "help": "AttnRes routing mode"}),
+    ("--n-layers", "n_layers", {"type": _positive_int, "help": "layers"}),
+    ("--d-model", "d_model", {"type": _positive_int, "help": "width"}),
+    ("--n-heads", "n_heads", {"type": _positive_int, "help": "attention heads"}),
+    ("--n-kv-heads", "n_key_value_heads", {"type": _positive_int, "help": "key/value heads (default: n-heads)"}),
+    ("--d-head", "d_head", {"type": _positive_int, "help": "head dimension (default: d-model / n-heads)"}),
+    ("--d-mlp", "d_mlp", {"type": _positive_int, "help": "MLP width (default: 3 * d-model)"}),
+    ("--n-blocks", "n_blocks", {"type": _positive_int, "help": "AttnRes blocks (default: one per layer)"}),
+    ("--tie-embeddings", "tie_word_embeddings", {"action": "store_const", "const": True, "help": "tie the unembedding to the embedding"}),
+    ("--rotary-base", "rotary_base", {"type": _positive_float, "help": "rotary base (theta)"}),
+    ("--data", "data", {"nargs": "+", "metavar": "PATH", "help": "text files or directories (default: the Python standard library's *.py files)"}),
+    ("--eval-data", "eval_data", {"nargs": "+", "metavar": "PATH", "help": "held-out files or directories (default: a deterministic per-file split of --data)"}),
+    ("--glob", "glob", {"help": "comma-separated file-name patterns for directories"}),
+    ("--tokenizer", "tokenizer", {"metavar": "DIR", "help": "a local Hugging Face tokenizer directory (default: built-in byte-level)"}),
+    ("--eval-fraction", "eval_fraction", {"type": _positive_float, "help": "fraction of files held out"}),
+    ("--max-tokens", "max_tokens", {"type": _positive_int, "help": "use only the first N training tokens"}),
+    ("--seq-len", "seq_len", {"type": _positive_int, "help": "tokens per training sequence (= the model's context)"}),
+    ("--steps", "steps", {"type": _positive_int, "help": "optimizer steps"}),
+    ("--batch-size", "batch_size", {"type": _positive_int, "help": "sequences per step"}),
+    ("--lr", "lr", {"type": _positive_float, "help": "peak learning rate"}),
+    ("--min-lr-ratio", "min_lr_ratio", {"type": _float, "help": "final learning rate / peak"}),
+    ("--warmup-steps", "warmup_steps", {"type": _nonneg_int, "help": "linear warmup steps"}),
+    ("--weight-decay", "weight_decay", {"type": _float, "help": "AdamW weight decay (matrices only)"}),
+    ("--grad-clip", "grad_clip", {"type": _positive_float, "help": "max global gradient norm"}),
+    ("--eval-every", "eval_every", {"type": _nonneg_int, "help": "steps between held-out evaluations (0: only at the end)"}),
+    ("--eval-batches", "eval_batches", {"type": _positive_int, "help": "held-out batches per evaluation"}),
+    ("--save-every", "save_every", {"type": _nonneg_int, "help": "steps between checkpoints (0: only the final one)"}),
+    ("--seed", "seed", {"type": _nonneg_int, "help": "random seed (init and data order)"}),
+    ("--device", "device", {"help": "cpu, cuda[:N], mps or auto (a GPU when present)"}),
+    ("--threads", "threads", {"type": _positive_int, "help": "torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)"}),
+    ("--precision", "precision", {"choices": ("auto", "fp32", "bf16"), "help": "auto: bf16 autocast on GPU, fp32 on CPU"}),
+    ("--out", "out_dir", {"metavar": "DIR", "help": "output directory"}),
+]
+
+
+def _add_train(sub: Any) -> None:
+    from .training import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train an AttnRes model (kimi or cumulative) or a standard-residual Qwen3 baseline",
+        description=(
+            "Train a model from scratch and save it with save_pretrained (AttnRes models in the "
+            "qwen3_attnres layout, the qwen3 baseline in Hugging Face's Qwen3 format).\n\n"
+            "Default corpus: the Python standard library's own *.py files (present on every "
+            "machine, PSF license), split per file into train / held-out by a hash of the path.\n"
+            "Resume an interrupted run with --resume DIR (a checkpoint, or a run directory for "
+            "its latest checkpoint): it continues the saved run exactly."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, name, kwargs in _TRAIN_FLAGS:
+        default = getattr(defaults, name)
+        shown = "byte-level" if name == "tokenizer" and default is None else default
+        help_text = kwargs.get("help", "")
+        if shown not in (None, [], False):
+            help_text += f" (default: {shown})"
+        p.add_argument(flag, dest=name, default=None, **{**kwargs, "help": help_text})
+    p.add_argument("--resume", metavar="DIR", help="continue a saved run from a checkpoint or run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, TrainingError, read_checkpoint_config, train
+
+    given = {name: getattr(args, name) for _, name, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.resume is not None:
+        saved = read_checkpoint_config(args.resume)
+        fixed = sorted(
+            flag
+            for flag, name, _ in _TRAIN_FLAGS
+            if name in given and name not in TrainConfig.RESUMABLE_OVERRIDES and given[name] != getattr(saved, name)
+        )
+        if fixed:
+            raise TrainingError(
+                f"--resume continues the saved run, whose settings cannot change: {', '.join(fixed)} "
+                f"(only {', '.join(_flag_of(n) for n in TrainConfig.RESUMABLE_OVERRIDES)} may be given)"
+            )
+        cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k in TrainConfig.RESUMABLE_OVERRIDES})
+    else:
+        cfg = TrainConfig(**given)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if args.quiet:
+        print(f"{result.out_dir}\teval_loss={result.final_eval_loss:.4f}\tunigram={result.unigram_eval_loss:.4f}")
+    return 0
+
+
+def _flag_of(name: str) -> str:
+    return next(flag for flag, field, _ in _TRAIN_FLAGS if field == name)
+
+
+# ============================================================================ inspect
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a checkpoint's format, flavour, schedule, routers and source table",
+        description=(
+            "Load SOURCE (a directory written by this library, a qwen3_attnres checkpoint, or a "
+            "vanilla qwen3 checkpoint wrapped with --flavour) and describe its routing."
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="a local checkpoint directory or a hub id")
+    _add_wrap_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """What ``attnres-lens inspect`` prints, as a dict (JSON-serialisable)."""
+    import torch
+
+    cfg = model.cfg
+    routers = []
+    for spec, router in model.routers():
+        routers.append(
+            {
+                "router": spec.name,
+                "sublayer": spec.sublayer,
+                "layer": spec.layer,
+                "n_sources": spec.n_sources,
+                "query_norm": float(router.proj.weight.detach().float().norm()),
+                "key_gain_mean": float(router.norm.weight.detach().float().mean()),
+                "bias": None if router.bias is None else float(router.bias.detach()),
+                "families": list(spec.families()),
+            }
+        )
+    n_router = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
+    tok = model.tokenizer
+    from .tokenizer import ByteTokenizer
+
+    return {
+        "format": getattr(model, "checkpoint_format", "unknown"),
+        "flavour": cfg.flavour,
+        "routing_mode": cfg.routing_mode,
+        "n_blocks": cfg.n_blocks,
+        "layers_per_block": cfg.layers_per_block,
+        "final_router": cfg.has_final_router,
+        "schedule": model.schedule.to_dict() if hasattr(model.schedule, "to_dict") else dict(model.schedule),
+        "backbone": {
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "n_heads": cfg.n_heads,
+            "n_key_value_heads": cfg.n_key_value_heads,
+            "d_head": cfg.d_head,
+            "d_mlp": cfg.d_mlp,
+            "d_vocab": cfg.d_vocab,
+            "n_ctx": cfg.n_ctx,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_router_params": n_router,
+        "tokenizer": "byte-level (built in)" if isinstance(tok, ByteTokenizer) else getattr(tok, "name_or_path", type(tok).__name__),
+        "routers": routers,
+        "source_table": json.loads(model.source_table().to_json(orient="records")),
+        "torch": torch.__version__,
+    }
+
+
+def _schedule_text(schedule: dict[str, Any]) -> str:
+    kind = schedule.get("kind", "none")
+    if kind == "none":
+        return "none (routing is learned or edited, not a wrap schedule)"
+    if kind == "recency":
+        return f"recency, bias b = {schedule['bias']:g} on the current stream (wrapped vanilla Qwen3)"
+    return "uniform: every router averages its sources (wrapped vanilla Qwen3)"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    if args.flavour is None and _is_vanilla_qwen3(args.source):
+        raise CLIError(
+            f"{args.source} is a vanilla qwen3 checkpoint: it has no routers until it is wrapped; "
+            "pass --flavour kimi (uniform schedule) or --flavour cumulative --recency-bias B"
+        )
+    model = _load_source(args)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    b = info["backbone"]
+    lines = [
+        f"source      {args.source}",
+        f"format      {info['format']}",
+        f"flavour     {info['flavour']} (routing mode {info['routing_mode']}, {info['n_blocks']} blocks of "
+        f"{info['layers_per_block']} layer(s), {'with' if info['final_router'] else 'no'} final router)",
+        f"schedule    {_schedule_text(info['schedule'])}",
+        f"backbone    Qwen3: {b['n_layers']} layers, d_model {b['d_model']}, {b['n_heads']} heads x {b['d_head']} "
+        f"(kv {b['n_key_value_heads']}), d_mlp {b['d_mlp']}, vocab {b['d_vocab']}, n_ctx {b['n_ctx']}, "
+        f"{'tied' if b['tie_word_embeddings'] else 'untied'} embeddings, {b['dtype']}",
+        f"parameters  {info['n_params']:,} ({info['n_router_params']:,} in routers)",
+        f"tokenizer   {info['tokenizer']}",
+        "",
+        f"routers ({len(info['routers'])}):",
+    ]
+    width = max(len(r["router"]) for r in info["routers"])
+    lines.append(f"  {'router':<{width}}  sources  |query|   gain   bias     families")
+    for r in info["routers"]:
+        bias = "-" if r["bias"] is None else f"{r['bias']:+.3f}"
+        lines.append(
+            f"  {r['router']:<{width}}  {r['n_sources']:>7}  {r['query_norm']:7.3f}  {r['key_gain_mean']:5.2f}  "
+            f"{bias:>7}  {','.join(r['families'])}"
+        )
+    lines += ["", "source table:", model.source_table().to_string(index=False)]
+    print("\n".join(lines))
+    return 0
+
+
+def _is_vanilla_qwen3(source: str) -> bool:
+    config = Path(source).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "qwen3"
+    except (OSError, ValueError):
+        return False
+
+
+# ============================================================================ main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Interpretability for Block Attention Residuals (AttnRes) transformers.\n"
+            "Start with `attnres-lens demo`: the wrapped-vs-trained routing protocol on the "
+            "bundled tiny models, in a few minutes on a laptop CPU."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+_SUBCOMMANDS = [_add_train, _add_inspect]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argument errors
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        print(f"\n{PROG}: error: give a command", file=sys.stderr)
+        return 2
+    if os.environ.get("ATTNRES_LENS_DEBUG"):
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.filename:
+            message = f"{exc.strerror or 'not found'}: {exc.filename}"
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
