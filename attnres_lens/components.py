@@ -32,8 +32,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
         in_dtype = x.dtype
         x = x.float()
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = self.hook_normalized(x / scale).to(in_dtype)
+        mean_square = x.pow(2).mean(-1, keepdim=True) + self.eps
+        if self.hook_scale.fwd_hooks or self.hook_scale.bwd_hooks:
+            x = x / self.hook_scale(mean_square.sqrt())
+        else:
+            # Hugging Face's exact arithmetic (multiply by rsqrt), for bit-level logit parity.
+            x = x * torch.rsqrt(mean_square)
+        x = self.hook_normalized(x).to(in_dtype)
         return self.weight * x
 
 

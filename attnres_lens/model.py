@@ -320,7 +320,7 @@ class HookedAttnResTransformer(HookedRootModule):
     def forward(
         self,
         input: TokensLike,
-        return_type: ReturnType = "logits",
+        return_type: Optional[str] = "logits",
         loss_per_token: bool = False,
         attention_mask: Optional[Tensor] = None,
     ) -> Union[None, Tensor, tuple[Tensor, Tensor]]:

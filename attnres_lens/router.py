@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -82,8 +81,13 @@ class DepthRouter(nn.Module):
         self, stacked: Float[Tensor, "batch pos source d_model"]
     ) -> Float[Tensor, "batch pos source"]:
         """``w . RMSNorm_g(v_i)``, plus the bias on the last source when the router has one."""
-        keys = F.rms_norm(stacked.float(), (self.d_model,), self.norm.weight.float(), self.eps)
-        logits = (keys @ self.proj.weight[0].float()).to(stacked.dtype)
+        # w . (g * v / rms(v)) == ((w * g) . v) / rms(v): computed this way the normalised keys
+        # [batch, pos, source, d_model] are never materialised; only two reductions over the
+        # sources are (a dot product and a norm), which keeps routers cheap next to sublayers.
+        v = stacked.float()
+        query = self.proj.weight[0].float() * self.norm.weight.float()
+        mean_square = torch.linalg.vector_norm(v, dim=-1).square() / self.d_model
+        logits = ((v @ query) * torch.rsqrt(mean_square + self.eps)).to(stacked.dtype)
         if self.bias is not None:
             recency = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
             recency[-1] = 1.0
