@@ -428,8 +428,12 @@ def load_pretrained(
     _check_shapes(shapes, expected, params, fmt)
 
     state: dict[str, Tensor] = {}
+    # Tensors read from files are already ours; an in-memory model's must be copied so that
+    # editing the hooked model never edits the user's.
+    must_copy = isinstance(source, nn.Module)
     for key, tensor in read(sorted(expected)):
-        state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
+        state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=must_copy)
+        del tensor
     if not fmt.with_routers:
         _add_schedule_routers(model, state, fmt.schedule, device, dtype)
     if cfg.tie_word_embeddings:
