@@ -428,11 +428,12 @@ def load_pretrained(
     _check_shapes(shapes, expected, params, fmt)
 
     state: dict[str, Tensor] = {}
-    # Tensors read from files are already ours; an in-memory model's must be copied so that
-    # editing the hooked model never edits the user's.
-    must_copy = isinstance(source, nn.Module)
+    # Always copy: an in-memory model's tensors are the user's, and safetensors hands out
+    # copy-on-write maps of the file, which would tie the model to the file staying unchanged.
+    # Each tensor's map is released as soon as its copy is made, so the peak stays at about
+    # the model plus one tensor.
     for key, tensor in read(sorted(expected)):
-        state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=must_copy)
+        state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
         del tensor
     if not fmt.with_routers:
         _add_schedule_routers(model, state, fmt.schedule, device, dtype)
