@@ -1,0 +1,128 @@
+"""The documentation cannot drift from the code: the hook reference table is checked against
+``model.hook_dict`` and the cached shapes, the source-layout examples against
+``source_table()``, and the CLI page against the parsers' options."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnres_lens import AttnResConfig, HookedAttnResTransformer
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """Rows (cells stripped) of the markdown table whose header line starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _hook_table() -> list[dict]:
+    rows = _table_rows((DOCS / "hooks.md").read_text(), "| Hook | Shape |")
+    out = []
+    for name, shape, meaning, kimi, cumulative in rows:
+        out.append(
+            {
+                "pattern": name.strip("`"),
+                "shape": [d.strip() for d in shape.strip("`[]").split(",")],
+                "meaning": meaning,
+                "flavours": {f for f, flag in (("kimi", kimi), ("cumulative", cumulative)) if flag == "yes"},
+            }
+        )
+    return out
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(re.escape("{l}"), r"(\d+)") + "$")
+
+
+CONFIGS = [
+    AttnResConfig(flavour="kimi", n_layers=3, n_blocks=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48),
+    AttnResConfig(flavour="kimi", routing_mode="full", n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=40),
+    AttnResConfig(flavour="cumulative", n_layers=3, n_blocks=3, d_model=32, d_head=8, n_heads=4, n_key_value_heads=1, d_mlp=48),
+    AttnResConfig(flavour="cumulative", routing_mode="full", n_layers=2, d_model=32, d_head=8, n_heads=2, d_mlp=40),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.flavour}-{c.routing_mode}")
+def test_hook_table_lists_every_hook_with_its_shape(cfg):
+    table = _hook_table()
+    assert len(table) >= 40 and all(row["meaning"] for row in table)
+    model = HookedAttnResTransformer(cfg)
+    batch, n_pos = 2, 5
+    tokens = torch.randint(0, cfg.d_vocab, (batch, n_pos))
+    _, cache = model.run_with_cache(tokens)
+    n_sources = {spec.name: spec.n_sources for spec in model.router_specs}
+    dims = {
+        "batch": batch, "pos": n_pos, "query_pos": n_pos, "key_pos": n_pos, "d_model": cfg.d_model,
+        "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "head_index": cfg.n_heads,
+        "kv_head_index": cfg.n_key_value_heads, "1": 1,
+    }
+    matched_patterns = set()
+    for hook in model.hook_dict:
+        rows = [r for r in table if _regex(r["pattern"]).match(hook)]
+        assert len(rows) == 1, f"hook {hook} matches {len(rows)} rows of docs/hooks.md"
+        row = rows[0]
+        assert cfg.flavour in row["flavours"], f"{hook} exists in {cfg.flavour} but the table says {row['flavours']}"
+        matched_patterns.add(row["pattern"])
+        router = hook.rsplit(".hook_", 1)[0]
+        expected = [n_sources[router] if d == "source" else dims[d] for d in row["shape"]]
+        assert list(cache[hook].shape) == expected, f"{hook}: cached {tuple(cache[hook].shape)}, table {row['shape']}"
+    listed = {r["pattern"] for r in table if cfg.flavour in r["flavours"]}
+    assert listed == matched_patterns, f"rows for {cfg.flavour} without such hooks: {listed - matched_patterns}"
+
+
+def test_alias_table_matches_the_model():
+    rows = _table_rows((DOCS / "hooks.md").read_text(), "| Alias | Same hook as |")
+    model = HookedAttnResTransformer(AttnResConfig(n_layers=2, d_model=32, d_head=8))
+    documented = {
+        alias.strip("`").replace("{l}", str(l)): target.strip("`").replace("{l}", str(l))
+        for alias, target in rows
+        for l in range(2)
+    }
+    assert documented == model.hook_aliases
+
+
+@pytest.mark.parametrize(
+    "cfg, header_index",
+    [
+        (AttnResConfig(flavour="cumulative", n_layers=4, n_blocks=4), 0),
+        (AttnResConfig(flavour="kimi", n_layers=4, n_blocks=2), 1),
+    ],
+)
+def test_source_layout_examples_match_source_table(cfg, header_index):
+    text = (DOCS / "hooks.md").read_text()
+    section = text.split("## Which sources a router reads", 1)[1]
+    tables = section.split("| Router | Sources")[1:]
+    rows = _table_rows("| Router | Sources" + tables[header_index], "| Router | Sources")
+    table = HookedAttnResTransformer(cfg).source_table()
+    assert rows
+    for router, sources in rows:
+        router = router.strip("`")
+        documented = re.findall(r"`([^`]+)` \((\w+)\)", sources)
+        actual = table[table["router"] == router]
+        assert documented == list(zip(actual["label"], actual["family"])), router
+
+
+def test_cli_page_mentions_every_option():
+    from attnres_lens.cli import build_parser
+
+    page = (DOCS / "cli.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        assert f"attnres-lens {name}" in page, name
+        for action in p._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in page, f"docs/cli.md does not mention {name} {flag}"
