@@ -222,3 +222,14 @@ def test_cli_help_for_train(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "standard library" in out
+
+
+def test_bf16_autocast_path_runs_on_cpu(corpus_dir, tmp_path):
+    """precision="bf16" is what a GPU run uses by default; the same autocast path runs on CPU."""
+    result = train(
+        TrainConfig(arch="cumulative", data=[str(corpus_dir)], steps=3, warmup_steps=1, precision="bf16",
+                    out_dir=str(tmp_path / "bf16"), **TINY),
+        progress=False,
+    )
+    assert all(math.isfinite(v) for v in result.losses)
+    assert next(result.model.parameters()).dtype == torch.float32  # weights stay fp32 (autocast only)
