@@ -5,6 +5,16 @@ from .model import DepthState, HookedAttnResTransformer
 from .router import DepthRouter, DepthSource, RouterSpec, source_layout
 from .schedule import RoutingSchedule, expected_weights_table, verify_schedule
 from .tokenizer import ByteTokenizer
+from .interventions import (
+    Family,
+    Group,
+    Intervention,
+    Slice,
+    apply_interventions,
+    model_with_interventions,
+    run_with_interventions,
+)
+from .patching import get_act_patch_routing, sweep_sources
 
 __version__ = "0.1.0"
 
@@ -20,4 +30,14 @@ __all__ = [
     "expected_weights_table",
     "verify_schedule",
     "source_layout",
+    # interventions and sweeps
+    "Family",
+    "Group",
+    "Intervention",
+    "Slice",
+    "apply_interventions",
+    "get_act_patch_routing",
+    "model_with_interventions",
+    "run_with_interventions",
+    "sweep_sources",
 ]
