@@ -15,6 +15,14 @@ from .interventions import (
     run_with_interventions,
 )
 from .patching import get_act_patch_routing, sweep_sources
+from .attribution import (
+    MassEffectReport,
+    RoutingStatistics,
+    gradient_attribution,
+    mass_vs_effect,
+    plot_token_routing,
+    routing_statistics,
+)
 
 __version__ = "0.1.0"
 
@@ -40,4 +48,11 @@ __all__ = [
     "model_with_interventions",
     "run_with_interventions",
     "sweep_sources",
+    # attribution
+    "MassEffectReport",
+    "RoutingStatistics",
+    "gradient_attribution",
+    "mass_vs_effect",
+    "plot_token_routing",
+    "routing_statistics",
 ]
