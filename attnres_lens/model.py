@@ -156,16 +156,17 @@ class HookedAttnResTransformer(HookedRootModule):
         """Hugging Face's Qwen3 init (normal(0, initializer_range), unit norm gains); routers
         zero-initialised as in the Kimi report, biases at ``cfg.recency_bias_init``."""
         std = self.cfg.initializer_range
-        for name, module in self.named_modules():
-            if isinstance(module, DepthRouter):
-                module.proj.weight.zero_()
-                module.norm.weight.fill_(1.0)
-                if module.bias is not None:
-                    module.bias.fill_(self.cfg.recency_bias_init)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+        # Routers last: their query is an nn.Linear that the loop above also drew at random.
+        for _, router in self.routers():
+            router.proj.weight.zero_()
+            router.norm.weight.fill_(1.0)
+            if router.bias is not None:
+                router.bias.fill_(self.cfg.recency_bias_init)
 
     # ---------------------------------------------------------------------- checkpoints
     @classmethod

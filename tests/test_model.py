@@ -458,6 +458,21 @@ def test_invalid_configs_are_refused(kwargs, match):
         AttnResConfig(**base)
 
 
+@pytest.mark.parametrize("flavour", ["kimi", "cumulative"])
+def test_fresh_model_routers_are_zero_initialised(flavour):
+    cfg = AttnResConfig(d_model=32, d_head=8, n_layers=3, n_blocks=2, flavour=flavour, recency_bias_init=0.5)
+    model = HookedAttnResTransformer(cfg)
+    for _, router in model.routers():
+        assert torch.equal(router.proj.weight, torch.zeros(1, 32))
+        assert torch.equal(router.norm.weight, torch.ones(32))
+        assert router.bias is None if flavour == "kimi" else float(router.bias) == 0.5
+    assert model.blocks[0].attn.q_proj.weight.std() > 0  # the backbone is still drawn at random
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]), names_filter=lambda n: n.endswith("hook_weights"))
+    if flavour == "kimi":  # zero queries, no bias: every router averages its sources
+        for spec in model.router_specs:
+            assert torch.allclose(cache[f"{spec.name}.hook_weights"], torch.full((1, 3, spec.n_sources), 1 / spec.n_sources))
+
+
 def test_head_dim_independent_of_d_model_is_supported():
     cfg = AttnResConfig(d_model=32, d_head=12, n_heads=4, n_layers=2)  # 4 * 12 != 32, as Qwen3 allows
     assert HookedAttnResTransformer(cfg)(torch.tensor([[1, 2]])).shape == (1, 2, 256)
