@@ -233,3 +233,17 @@ def test_bf16_autocast_path_runs_on_cpu(corpus_dir, tmp_path):
     )
     assert all(math.isfinite(v) for v in result.losses)
     assert next(result.model.parameters()).dtype == torch.float32  # weights stay fp32 (autocast only)
+
+
+@pytest.mark.parametrize("arch", ["kimi", "cumulative"])
+def test_fresh_attnres_models_start_with_zero_routers(arch):
+    """Routing is learned from a plain average: every query 0, every recency bias 0."""
+    from attnres_lens import ByteTokenizer
+    from attnres_lens.training import build_model
+
+    model = build_model(TrainConfig(arch=arch, n_layers=3, d_model=32, n_heads=2, n_blocks=2), ByteTokenizer())
+    for _, router in model.routers():
+        assert torch.count_nonzero(router.proj.weight) == 0
+        assert torch.all(router.norm.weight == 1)
+        assert router.bias is None or float(router.bias) == 0.0
+    assert any(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "router" not in n)
