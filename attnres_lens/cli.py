@@ -67,8 +67,22 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default when it has a meaningful one and its help does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+            and action.option_strings
+        ):
+            shown = " ".join(default) if isinstance(default, list) else default
+            text += f" (default: {shown})"
+        return text
 
 
 def _add_wrap_options(p: argparse.ArgumentParser) -> None:
@@ -81,9 +95,9 @@ def _add_wrap_options(p: argparse.ArgumentParser) -> None:
         choices=("uniform", "recency"),
         help="wrap schedule (kimi: uniform; cumulative: recency); default: the flavour's own",
     )
-    g.add_argument("--recency-bias", type=_float, help="recency bias b of the 'recency' schedule")
-    g.add_argument("--n-blocks", type=_positive_int, help="AttnRes blocks of the wrap (default min(8, layers))")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--recency-bias", type=_float, metavar="B", help="recency bias b of the 'recency' schedule")
+    g.add_argument("--n-blocks", type=_positive_int, metavar="N", help="AttnRes blocks of the wrap (default: min(8, layers))")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="torch device to load the model on")
 
 
@@ -97,6 +111,11 @@ def _load_source(args: argparse.Namespace) -> Any:
         "recency_bias": args.recency_bias,
         "n_blocks": args.n_blocks,
     }
+    if args.flavour is None and _is_vanilla_qwen3(source):
+        raise CLIError(
+            f"{source} is a vanilla qwen3 checkpoint: it must be wrapped to have routers; pass "
+            "--flavour kimi (uniform schedule) or --flavour cumulative --recency-bias B"
+        )
     if (
         args.flavour == "cumulative"
         and args.recency_bias is None
@@ -169,11 +188,15 @@ def _add_train(sub: Any) -> None:
     )
     for flag, name, kwargs in _TRAIN_FLAGS:
         default = getattr(defaults, name)
-        shown = "byte-level" if name == "tokenizer" and default is None else default
         help_text = kwargs.get("help", "")
-        if shown not in (None, [], False):
-            help_text += f" (default: {shown})"
-        p.add_argument(flag, dest=name, default=None, **{**kwargs, "help": help_text})
+        if "default" not in help_text and default is not None and default is not False and default != []:
+            help_text += f" (default: {default})"
+        extra: dict[str, Any] = {}
+        if "metavar" not in kwargs and kwargs.get("type") in (_positive_int, _nonneg_int):
+            extra["metavar"] = "N"
+        elif "metavar" not in kwargs and kwargs.get("type") in (_positive_float, _float):
+            extra["metavar"] = "X"
+        p.add_argument(flag, dest=name, default=None, **{**kwargs, **extra, "help": help_text})
     p.add_argument("--resume", metavar="DIR", help="continue a saved run from a checkpoint or run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=_cmd_train)
@@ -288,10 +311,7 @@ def _schedule_text(schedule: dict[str, Any]) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.flavour is None and _is_vanilla_qwen3(args.source):
-        raise CLIError(
-            f"{args.source} is a vanilla qwen3 checkpoint: it has no routers until it is wrapped; "
-            "pass --flavour kimi (uniform schedule) or --flavour cumulative --recency-bias B"
-        )
+        return _inspect_vanilla(args)
     model = _load_source(args)
     info = describe(model)
     if args.json:
@@ -325,6 +345,52 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_vanilla(args: argparse.Namespace) -> int:
+    hf = json.loads((Path(args.source).expanduser() / "config.json").read_text())
+    info = {
+        "format": "qwen3",
+        "flavour": None,
+        "schedule": None,
+        "backbone": {
+            "n_layers": hf.get("num_hidden_layers"),
+            "d_model": hf.get("hidden_size"),
+            "n_heads": hf.get("num_attention_heads"),
+            "n_key_value_heads": hf.get("num_key_value_heads"),
+            "d_head": hf.get("head_dim"),
+            "d_mlp": hf.get("intermediate_size"),
+            "d_vocab": hf.get("vocab_size"),
+            "n_ctx": hf.get("max_position_embeddings"),
+            "tie_word_embeddings": hf.get("tie_word_embeddings"),
+        },
+        "routers": [],
+        "note": "a vanilla (standard-residual) Qwen3: no routers until it is wrapped",
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    b = info["backbone"]
+    print(
+        "\n".join(
+            [
+                f"source      {args.source}",
+                "format      qwen3 (vanilla, standard residual stream)",
+                "flavour     none: no routers until wrapped",
+                "schedule    none",
+                f"backbone    Qwen3: {b['n_layers']} layers, d_model {b['d_model']}, {b['n_heads']} heads x "
+                f"{b['d_head']} (kv {b['n_key_value_heads']}), d_mlp {b['d_mlp']}, vocab {b['d_vocab']}, "
+                f"n_ctx {b['n_ctx']}, {'tied' if b['tie_word_embeddings'] else 'untied'} embeddings",
+                "",
+                "To see it as a Block AttnRes model, wrap it:",
+                f"  {PROG} inspect {args.source} --flavour kimi                       "
+                "# uniform schedule (every router averages)",
+                f"  {PROG} inspect {args.source} --flavour cumulative --recency-bias 3  "
+                "# recency schedule",
+            ]
+        )
+    )
+    return 0
+
+
 def _is_vanilla_qwen3(source: str) -> bool:
     config = Path(source).expanduser() / "config.json"
     if not config.is_file():
@@ -333,6 +399,177 @@ def _is_vanilla_qwen3(source: str) -> bool:
         return json.loads(config.read_text()).get("model_type") == "qwen3"
     except (OSError, ValueError):
         return False
+
+
+# ============================================================================ probe
+_MODES = ("zero", "mask", "mean", "resample")
+_GROUPS = ("slice", "family", "family_band")
+
+
+def _bands(text: str) -> tuple[str, tuple[int, ...]]:
+    """``name=LAYERS`` with LAYERS like ``0-3`` or ``0,2,4`` or ``0-3,6``."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"a band is NAME=LAYERS (e.g. early=0-13), got {text!r}")
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, dash, hi = part.partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"band layers must be integers or ranges like 0-13, got {spec!r}") from None
+    return name, tuple(layers)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser, *, out_default: str, threads_default: Optional[int] = None) -> None:
+    p.add_argument("--out", metavar="DIR", default=out_default, help="where report.md, summary.json and figures/ go")
+    p.add_argument("--mode", choices=_MODES, default="zero", help="how each slice is ablated")
+    p.add_argument("--metric", choices=("loss", "kl"), default="loss", help="loss: mean next-token loss; kl: KL(clean || ablated) of the next-token distributions")
+    p.add_argument("--groups", nargs="+", choices=_GROUPS, default=["slice", "family_band"], help="groupings to report")
+    p.add_argument("--bands", nargs="+", type=_bands, metavar="NAME=LAYERS", help="depth bands (default: early/late halves)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per forward pass (default: all at once)")
+    p.add_argument("--prompts", type=_positive_int, metavar="N", default=32, help="number of prompts (evenly spaced windows of the text)")
+    p.add_argument("--seq-len", type=_positive_int, metavar="N", default=128, help="tokens per prompt (at most the model's context)")
+    p.add_argument("--n-boot", type=_positive_int, metavar="N", default=200, help="bootstrap resamples")
+    p.add_argument("--seed", type=_nonneg_int, metavar="N", default=0, help="bootstrap seed")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        default=threads_default,
+        help="torch CPU threads"
+        + (
+            " (default: 1: the bundled models are tiny, and one thread is as fast as several and "
+            "immune to oversubscribed cores)"
+            if threads_default == 1
+            else " (default: torch's choice; 1 is often faster on a busy machine)"
+        ),
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary table")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _add_probe(sub: Any) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="mass vs effect (and the schedule check) on any checkpoint and text",
+        description=(
+            "Run the paper's protocol on one checkpoint: verify_schedule (wrapped models), "
+            "routing content dependence, and mass_vs_effect per slice and per family x sublayer "
+            "x depth band, on windows of the given text files. Writes report.md, summary.json "
+            "and PNG figures into --out."
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="a local checkpoint directory or a hub id")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to probe on")
+    _add_protocol_options(p, out_default="attnres-probe")
+    _add_wrap_options(p)
+    p.set_defaults(func=_cmd_probe)
+
+
+def _read_texts(paths: Sequence[str]) -> list[str]:
+    texts = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise CLIError(f"--text: {raw} is not a file")
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CLIError(f"--text: {raw} is not UTF-8 text") from None
+    return texts
+
+
+def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "mode": args.mode,
+        "metric": args.metric,
+        "groups": list(dict.fromkeys(args.groups)),
+        "batch_size": args.batch_size,
+        "n_boot": args.n_boot,
+        "seed": args.seed,
+        "bands": dict(args.bands) if args.bands else None,
+        "progress": not args.quiet,
+    }
+
+
+def _finish(result: Any, args: argparse.Namespace, wall: float) -> None:
+    print(result.table())
+    if not args.quiet:
+        print(f"\nreport: {result.out_dir / 'report.md'}  (summary.json and figures/ alongside); {wall:.0f}s")
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import time
+
+    from .bundled import text_windows
+    from .protocol import Subject, run_protocol
+
+    t0 = time.perf_counter()
+    _set_threads(args)
+    texts = _read_texts(args.text)
+    model = _load_source(args)
+    tokens = text_windows(model, texts, n_prompts=args.prompts, seq_len=min(args.seq_len, model.cfg.n_ctx))
+    description = (
+        f"{model.cfg.flavour} AttnRes, "
+        + ("learned routing" if not model.schedule.is_scheduled else f"wrapped ({model.schedule.kind} schedule)")
+    )
+    result = run_protocol(
+        [Subject("model", model, description=description, source=str(args.source))],
+        tokens,
+        args.out,
+        command="attnres-lens probe",
+        data={"source": ", ".join(args.text)},
+        title=f"Routing probe: {args.source}",
+        **_protocol_kwargs(args),
+    )
+    _finish(result, args, time.perf_counter() - t0)
+    return 0
+
+
+# ============================================================================ demo
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the paper's protocol on the bundled models: wrapped vanilla vs trained AttnRes",
+        description=(
+            "Load the two bundled tiny models (a standard-residual Qwen3, wrapped with the recency "
+            "schedule, bias 3, and a Block AttnRes model whose routing was trained), check the "
+            "schedule, measure how content-dependent each model's routing is, and compare "
+            "routing mass with causal effect per slice and per family x sublayer x depth band on "
+            "held-out text. Takes no arguments; writes ./attnres-report/."
+        ),
+        formatter_class=_Formatter,
+    )
+    _add_protocol_options(p, out_default="attnres-report", threads_default=1)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from . import bundled
+    from .demo import run_demo
+
+    t0 = time.perf_counter()
+    _set_threads(args)
+    if not args.quiet:
+        print(
+            f"{PROG} demo: wrapped vanilla Qwen3 (recency schedule, b = {bundled.DEMO_RECENCY_BIAS:g}) vs "
+            f"Block AttnRes with trained routing, on {args.prompts} x {args.seq_len} held-out tokens"
+        )
+    result = run_demo(
+        args.out, n_prompts=args.prompts, seq_len=args.seq_len, **_protocol_kwargs(args)
+    )
+    _finish(result, args, time.perf_counter() - t0)
+    return 0
 
 
 # ============================================================================ main
@@ -355,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = [_add_train, _add_inspect]
+_SUBCOMMANDS = [_add_demo, _add_probe, _add_inspect, _add_train]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,185 @@
+"""The command line end to end on tiny models: inspect, probe, demo; bad arguments; the
+bundled models and the demo's summary.json contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnres_lens import AttnResConfig, HookedAttnResTransformer, bundled
+from attnres_lens.cli import main
+from attnres_lens.protocol import GROUP_FIELDS, MODEL_FIELDS, SUMMARY_FIELDS
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: much faster than two oversubscribed cores on a shared CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny trained-style kimi checkpoint, a cumulative one, and a vanilla HF Qwen3."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    dirs = {}
+    for flavour, blocks in (("kimi", 2), ("cumulative", 3)):
+        model = HookedAttnResTransformer(
+            AttnResConfig(flavour=flavour, n_layers=3, n_blocks=blocks, d_model=32, d_head=8, d_mlp=48, n_ctx=64)
+        )
+        with torch.no_grad():  # learned-looking routing: non-zero queries
+            for _, router in model.routers():
+                router.proj.weight.normal_(0, 0.5)
+        model.save_pretrained(root / flavour)
+        dirs[flavour] = root / flavour
+    hf = Qwen3ForCausalLM(
+        Qwen3Config(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    )
+    hf.save_pretrained(root / "qwen3")
+    dirs["qwen3"] = root / "qwen3"
+    (root / "text.txt").write_text(TEXT)
+    dirs["text"] = root / "text.txt"
+    return dirs
+
+
+# ----------------------------------------------------------------------------- inspect
+@pytest.mark.parametrize("flavour", ["kimi", "cumulative"])
+def test_inspect_prints_format_flavour_schedule_routers_and_sources(tiny_dirs, flavour, capsys):
+    assert main(["inspect", str(tiny_dirs[flavour])]) == 0
+    out = capsys.readouterr().out
+    assert "format      attnres_lens" in out
+    assert f"flavour     {flavour}" in out
+    assert "schedule    none" in out
+    assert "blocks.2.mlp_router" in out and "source table:" in out
+    assert ("final_router" in out) == (flavour == "kimi")
+
+
+def test_inspect_json_and_wrapped_vanilla(tiny_dirs, capsys):
+    assert main(["inspect", str(tiny_dirs["qwen3"]), "--flavour", "cumulative", "--recency-bias", "2.5", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "qwen3" and info["flavour"] == "cumulative"
+    assert info["schedule"] == {"kind": "recency", "bias": 2.5}
+    assert all(r["bias"] == 2.5 and r["query_norm"] == 0 for r in info["routers"])
+    assert len(info["source_table"]) == sum(r["n_sources"] for r in info["routers"])
+    # a vanilla checkpoint without --flavour is described, with how to wrap it
+    assert main(["inspect", str(tiny_dirs["qwen3"])]) == 0
+    out = capsys.readouterr().out
+    assert "vanilla" in out and "--flavour kimi" in out
+
+
+# ----------------------------------------------------------------------------- probe
+def test_probe_end_to_end_on_a_tiny_checkpoint(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "probe"
+    code = main(["probe", str(tiny_dirs["kimi"]), "--text", str(tiny_dirs["text"]), "--out", str(out),
+                 "--prompts", "6", "--seq-len", "32", "--n-boot", "50", "--groups", "slice", "family",
+                 "--mode", "mask", "--batch-size", "3", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "content dependence" in printed and "learned" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["mode"] == "mask" and summary["settings"]["groups"] == ["slice", "family"]
+    entry = summary["models"]["model"]
+    assert entry["routing_learned"] and entry["verify_schedule_max_abs_dev"] is None
+    assert entry["content_dependence"] > 0
+    assert set(entry["groups"]) == {"slice", "family"}
+    assert (out / "report.md").read_text().startswith("# Routing probe")
+    for fig in summary["figures"]:
+        assert (out / fig).stat().st_size > 1000
+
+
+def test_probe_wrapped_vanilla_checks_its_schedule(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "probe-wrapped"
+    code = main(["probe", str(tiny_dirs["qwen3"]), "--flavour", "kimi", "--text", str(tiny_dirs["text"]),
+                 "--out", str(out), "--prompts", "5", "--seq-len", "24", "--n-boot", "40",
+                 "--groups", "family_band", "--bands", "early=0", "late=1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    entry = json.loads((out / "summary.json").read_text())["models"]["model"]
+    assert entry["schedule"]["kind"] == "uniform"
+    assert entry["verify_schedule_max_abs_dev"] < 1e-6
+    assert entry["content_dependence"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, code, needle",
+    [
+        (["probe", "DIR"], 2, "--text"),
+        (["probe", "DIR", "--text", "TEXT", "--mode", "explode"], 2, "invalid choice"),
+        (["probe", "DIR", "--text", "TEXT", "--prompts", "0"], 2, "positive integer"),
+        (["probe", "DIR", "--text", "TEXT", "--bands", "early"], 2, "NAME=LAYERS"),
+        (["probe", "DIR", "--text", "/no/such/file.txt"], 1, "is not a file"),
+        (["probe", "DIR", "--text", "TEXT", "--prompts", "2"], 1, "too few prompts"),
+        (["probe", "/no/such/dir", "--text", "TEXT"], 1, "/no/such/dir"),
+        (["probe", "QWEN", "--text", "TEXT"], 1, "must be wrapped"),
+        (["probe", "QWEN", "--text", "TEXT", "--flavour", "cumulative"], 1, "--recency-bias"),
+        (["inspect"], 2, "SOURCE"),
+        (["inspect", "/no/such/dir"], 1, "/no/such/dir"),
+        (["demo", "--n-boot", "x"], 2, "positive integer"),
+        (["nonsense"], 2, "invalid choice"),
+        ([], 2, "give a command"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error_and_no_traceback(tiny_dirs, argv, code, needle, capsys):
+    subst = {"DIR": str(tiny_dirs["cumulative"]), "TEXT": str(tiny_dirs["text"]), "QWEN": str(tiny_dirs["qwen3"])}
+    assert main([subst.get(a, a) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "probe", "inspect", "train"])
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"usage: attnres-lens {command}" in capsys.readouterr().out
+
+
+def test_console_script_runs_in_a_subprocess(tiny_dirs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnres_lens.cli", "inspect", str(tiny_dirs["cumulative"]), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["flavour"] == "cumulative"
+    proc = subprocess.run([sys.executable, "-m", "attnres_lens.cli", "inspect", "/no/such/dir"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "error" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bundled + demo
+def test_demo_writes_the_promised_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["demo", "--out", str(out), "--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "wrapped" in printed and "trained" in printed and "content dependence" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_FIELDS) <= set(summary)
+    assert list(summary["models"]) == ["wrapped", "trained"]
+    for name, entry in summary["models"].items():
+        assert set(MODEL_FIELDS) <= set(entry), set(MODEL_FIELDS) - set(entry)
+        assert set(entry["groups"]) == {"slice", "family_band"}
+        for group in entry["groups"].values():
+            assert set(GROUP_FIELDS) <= set(group)
+            assert {"attn", "mlp"} <= set(group["largest"])
+            assert "spearman" in group["rank_correlation"]
+            assert group["table"] and {"mass", "effect", "flag"} <= set(group["table"][0])
+    wrapped, trained = summary["models"]["wrapped"], summary["models"]["trained"]
+    assert wrapped["verify_schedule_max_abs_dev"] < 1e-6 and wrapped["content_dependence"] == 0.0
+    assert wrapped["schedule"] == {"kind": "recency", "bias": 3.0}
+    assert trained["routing_learned"] and trained["content_dependence"] > 0.05
+    assert summary["comparison"]["structured_routing_only_when_trained"] is True
+    report = (out / "report.md").read_text()
+    for fig in summary["figures"]:
+        assert (out / fig).is_file() and fig in report
+    assert "summary.json" in report and "verify_schedule" in report
