@@ -45,6 +45,8 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+# How much of a safetensors file may be mapped (and resident) at once while loading.
+_MAP_BUDGET = 64 * 2**20
 # Buffers some Hugging Face versions saved; they carry no weights of the model.
 _IGNORED_KEYS_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -176,16 +178,32 @@ class WeightFiles:
                     yield key, state[key]
                 del state
                 continue
-            from safetensors import safe_open
+            yield from self._read_safetensors(path, file_keys)
 
-            try:
+    def _read_safetensors(self, path: Path, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+        """Tensors of one file, reopening it every ``_MAP_BUDGET`` bytes.
+
+        ``safe_open`` maps the whole file, and every page a tensor was read from stays resident
+        (counted in the process's memory) until the file is closed. Reopening bounds that to
+        the budget, so loading peaks at about the model plus the budget rather than twice the
+        model."""
+        from safetensors import safe_open
+
+        pending = list(keys)
+        try:
+            while pending:
+                mapped = 0
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for key in file_keys:
-                        yield key, handle.get_tensor(key)
-            except CheckpointError:
-                raise
-            except Exception as err:
-                raise CheckpointError(f"cannot read tensors from {str(path)!r}: {err}") from err
+                    while pending and mapped < _MAP_BUDGET:
+                        key = pending.pop(0)
+                        tensor = handle.get_tensor(key)
+                        mapped += tensor.numel() * tensor.element_size()
+                        yield key, tensor
+                        del tensor
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"cannot read tensors from {str(path)!r}: {err}") from err
 
 
 def _torch_load(path: Path) -> dict[str, Tensor]:

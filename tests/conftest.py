@@ -5,7 +5,17 @@ decorates every function and class in the package with ``jaxtyping.jaxtyped(type
 beartype)``, so shape names (``batch pos source``) are checked for consistency within a call.
 """
 
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+import torch
 from jaxtyping import install_import_hook
+
+# The suite runs tiny models, for which thread start-up costs more than it saves; on a shared
+# 2-core machine several threads per process make each forward up to 100x slower.
+torch.set_num_threads(1)
 
 with install_import_hook("attnres_lens", "beartype.beartype"):
     import attnres_lens  # noqa: F401

@@ -330,7 +330,8 @@ def test_saving_an_unrepresentable_model_is_refused_before_writing(tmp_path):
 
 
 def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
-    """~100 MB checkpoint loaded in a fresh process: peak RSS growth stays under 2.5x the model."""
+    """~100 MB checkpoint loaded in a fresh process: peak RSS growth stays under 1.3x the model
+    (the model plus one bounded window of the file; no whole-file or double copies)."""
     model = tiny_qwen3(seed=0, vocab=4096, d_model=512, n_layers=6, n_heads=8, n_kv=4, head_dim=64, d_mlp=1536)
     model.save_pretrained(tmp_path)
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -341,6 +342,9 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
         def status(field):
             line = next(l for l in open('/proc/self/status') if l.startswith(field + ':'))
             return int(line.split()[1]) * 1024
+        attnres_lens.loading._MAP_BUDGET = 8 * 2**20  # the mapped window, small next to this model
+        with torch.device('meta'):  # torch's one-off set-up of meta tensors (~70 MB of code)
+            torch.nn.Embedding(4, 4)
         before = status('VmRSS')
         model = attnres_lens.HookedAttnResTransformer.from_pretrained({str(tmp_path)!r}, flavour='kimi')
         print(before, status('VmHWM') - before)
@@ -348,4 +352,4 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     grown = int(out.split()[-1])
-    assert grown < 2.5 * n_bytes, f"loading grew RSS by {grown / 1e6:.0f} MB for a {n_bytes / 1e6:.0f} MB model: {out}"
+    assert grown < 1.3 * n_bytes, f"loading grew RSS by {grown / 1e6:.0f} MB for a {n_bytes / 1e6:.0f} MB model: {out}"
