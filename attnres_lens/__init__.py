@@ -23,6 +23,9 @@ from .attribution import (
     plot_token_routing,
     routing_statistics,
 )
+from . import bundled
+from .protocol import Subject, run_protocol
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -55,4 +58,10 @@ __all__ = [
     "mass_vs_effect",
     "plot_token_routing",
     "routing_statistics",
+    # training, bundled models, the protocol (demo / probe)
+    "TrainConfig",
+    "train",
+    "bundled",
+    "Subject",
+    "run_protocol",
 ]
