@@ -598,8 +598,8 @@ class TrainResult:
     model: nn.Module
     config: TrainConfig
     out_dir: Path
-    history: list[dict[str, float]]
-    evals: list[dict[str, float]]
+    history: list[dict[str, Union[int, float]]]
+    evals: list[dict[str, Union[int, float]]]
     final_eval_loss: float
     unigram_eval_loss: float
     n_params: int
@@ -730,8 +730,8 @@ def _train(
     if state is None:
         model = build_model(cfg, tokenizer)
         start = 0
-        history: list[dict[str, float]] = []
-        evals: list[dict[str, float]] = []
+        history: list[dict[str, Union[int, float]]] = []
+        evals: list[dict[str, Union[int, float]]] = []
     else:
         model = load_model(resume, cfg.arch, tokenizer)
         start = int(state["step"])
