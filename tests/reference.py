@@ -57,6 +57,31 @@ def tiny_qwen3(
     return model
 
 
+def tiny_attnres(
+    flavour: str = "kimi", routing_mode: str = "block", n_layers: int = 4, n_blocks: int = 2, seed: int = 0, **cfg
+):
+    """A fresh tiny HookedAttnResTransformer whose routers are randomised (query std 0.3, key
+    gains around 1, biases N(0, 1)), so that routing depends on content and no weight is
+    uniform. ``cfg`` overrides AttnResConfig fields (default d_model 32, d_head 8, vocab 300)."""
+    from attnres_lens import AttnResConfig, HookedAttnResTransformer, RoutingSchedule
+
+    torch.manual_seed(seed)
+    fields = dict(d_model=32, d_head=8, d_vocab=300)
+    fields.update(cfg)
+    model = HookedAttnResTransformer(
+        AttnResConfig(n_layers=n_layers, n_blocks=n_blocks, flavour=flavour, routing_mode=routing_mode, **fields)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, router in model.routers():
+            router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=gen) * 0.3)
+            router.norm.weight.copy_(torch.rand(router.norm.weight.shape, generator=gen) + 0.5)
+            if router.bias is not None:
+                router.bias.copy_(torch.randn((), generator=gen))
+    model.schedule = RoutingSchedule()
+    return model
+
+
 def router_tensors(
     hf_config: dict, flavour: str, *, seed: int = 1, query_std: float = 0.3, bias_scale: float = 2.0
 ) -> dict[str, torch.Tensor]:

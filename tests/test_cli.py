@@ -15,15 +15,6 @@ from attnres_lens import AttnResConfig, HookedAttnResTransformer, bundled
 from attnres_lens.cli import main
 from attnres_lens.protocol import GROUP_FIELDS, MODEL_FIELDS, SUMMARY_FIELDS
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: much faster than two oversubscribed cores on a shared CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200))
 
 

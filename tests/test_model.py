@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from reference import load_checkpoint_state, reference_logits, tiny_qwen3
+from reference import reference_logits, tiny_attnres, tiny_qwen3
 
 import attnres_lens as al
 from attnres_lens import AttnResConfig, HookedAttnResTransformer
@@ -27,28 +27,13 @@ def hf_tied():
     return tiny_qwen3(seed=3, tied=True, n_layers=4)
 
 
-def randomise_routers(model: HookedAttnResTransformer, seed: int = 0, std: float = 0.3) -> HookedAttnResTransformer:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, router in model.routers():
-            router.proj.weight.copy_(torch.randn(router.proj.weight.shape, generator=gen) * std)
-            router.norm.weight.copy_(torch.rand(router.norm.weight.shape, generator=gen) + 0.5)
-            if router.bias is not None:
-                router.bias.copy_(torch.randn((), generator=gen))
-    model.schedule = al.RoutingSchedule()
-    return model
-
-
 def small_model(flavour="kimi", mode="block", n_layers=5, n_blocks=2, seed=0, **kw) -> HookedAttnResTransformer:
-    torch.manual_seed(seed)
-    cfg = AttnResConfig(
-        d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, n_layers=n_layers, n_blocks=n_blocks,
-        d_mlp=48, d_vocab=300, n_ctx=32, flavour=flavour, routing_mode=mode, **kw,
+    model = tiny_attnres(
+        flavour, mode, n_layers, n_blocks, seed, n_heads=4, n_key_value_heads=2, d_mlp=48, n_ctx=32, **kw
     )
-    model = HookedAttnResTransformer(cfg)
     with torch.no_grad():
         model.embed.weight.normal_(0, 1)
-    return randomise_routers(model, seed)
+    return model
 
 
 def hf_keyed_state(model: HookedAttnResTransformer) -> dict:

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnres_lens import AttnResConfig, HookedAttnResTransformer
+from reference import tiny_attnres
+
 from attnres_lens.compat import PATCHING_HAS_REDUCE
 from attnres_lens.interventions import Group
 from attnres_lens.patching import (
@@ -26,28 +27,8 @@ from attnres_lens.patching import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The suite shares two cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(flavour="kimi", routing_mode="block", n_layers=4, n_blocks=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = AttnResConfig(
-        d_model=32, d_head=8, n_layers=n_layers, n_blocks=n_blocks, d_vocab=300,
-        flavour=flavour, routing_mode=routing_mode,
-    )
-    model = HookedAttnResTransformer(cfg)
-    with torch.no_grad():
-        for _, router in model.routers():
-            router.proj.weight.normal_(0.0, 0.3)
-            if router.bias is not None:
-                router.bias.normal_(0.0, 1.0)
-    return model
+    return tiny_attnres(flavour, routing_mode, n_layers, n_blocks, seed)
 
 
 @pytest.fixture(scope="module", params=["kimi", "cumulative"])
