@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .patching import default_bands
 from .router import FAMILIES, RouterSpec
 
 if TYPE_CHECKING:  # annotations only
@@ -165,14 +166,6 @@ def _check_bootstrap_size(n_prompts: int, confidence: float, n_boot: int) -> Non
 
 
 # =============================================================================== bands
-def default_bands(n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Early/late halves of the layers: ``early = [0, ceil(L/2))``, ``late`` = the rest (a
-    one-layer model has only ``early``)."""
-    half = math.ceil(n_layers / 2)
-    bands = {"early": tuple(range(half)), "late": tuple(range(half, n_layers))}
-    return {name: layers for name, layers in bands.items() if layers}
-
-
 def _resolve_bands(model: "HookedAttnResTransformer", bands: BandsLike) -> dict[str, tuple[int, ...]]:
     n_layers = model.cfg.n_layers
     if bands is None:
@@ -495,9 +488,15 @@ def routing_statistics(
     """Routing mass, its spread, and content dependence over a dataset (see
     :class:`RoutingStatistics`). ``bands`` maps band names to layers (default: early/late
     halves). One forward per batch."""
-    batches = _as_batches(model, tokens_or_batches)
-    resolved = _resolve_bands(model, bands)
-    acc = _RoutingAccumulator(model, resolved)
+    acc = _RoutingAccumulator(model, _resolve_bands(model, bands))
+    _accumulate_routing(model, _as_batches(model, tokens_or_batches), batch_size, acc)
+    return acc.finish()
+
+
+def _accumulate_routing(
+    model: "HookedAttnResTransformer", batches: list[Tensor], batch_size: Optional[int], acc: "_RoutingAccumulator"
+) -> None:
+    """One no-grad forward per chunk, feeding every router's weights to ``acc``."""
     store: dict[str, Tensor] = {}
     hooks = _capture_weights_hooks(model, store)
     with torch.no_grad():
@@ -506,7 +505,6 @@ def routing_statistics(
                 store.clear()
                 model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
                 acc.update(store)
-    return acc.finish()
 
 
 # =============================================================================== metrics
@@ -1439,14 +1437,7 @@ def mass_vs_effect(
         res = _gradient_rows(model, batches, metric, members, positions, batch_size, acc, kinds=(estimate_kind,))
         grad_pp = res[estimate_kind]
     else:
-        store: dict[str, Tensor] = {}
-        hooks = _capture_weights_hooks(model, store)
-        with torch.no_grad():
-            for batch in batches:
-                for chunk in _split(batch, batch_size):
-                    store.clear()
-                    model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
-                    acc.update(store)
+        _accumulate_routing(model, batches, batch_size, acc)
     routing = acc.finish()
     t_grad = time.perf_counter() - t0
 

@@ -325,11 +325,12 @@ class _Unit:
     touched: Any = None  # [(RouterSpec, sources)]
 
 
-def default_bands(n_layers: int) -> dict[str, range]:
-    """Early/late halves of the layers: ``{"early": range(0, ceil(L/2)), "late": range(ceil(L/2), L)}``."""
+def default_bands(n_layers: int) -> dict[str, tuple[int, ...]]:
+    """Early/late halves of the layers: ``early = [0, ceil(L/2))``, ``late`` = the rest (a
+    one-layer model has only ``early``)."""
     half = math.ceil(n_layers / 2)
-    bands = {"early": range(0, half), "late": range(half, n_layers)}
-    return {name: layers for name, layers in bands.items() if len(layers)}
+    bands = {"early": tuple(range(half)), "late": tuple(range(half, n_layers))}
+    return {name: layers for name, layers in bands.items() if layers}
 
 
 def _layers_text(layers: Sequence[int]) -> str:
