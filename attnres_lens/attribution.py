@@ -395,7 +395,7 @@ def _aggregate_families(
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    sort_cols, sort_keys = [], []
+    sort_cols = []
     fam_rank = {f: i for i, f in enumerate(FAMILIES)}
     if "sublayer" in keys:
         sort_cols.append("sublayer")

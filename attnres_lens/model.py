@@ -14,8 +14,7 @@ the model rerun from it (the sweep engine does this to reuse the clean prefix).
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import pandas as pd
 import torch
@@ -31,7 +30,6 @@ from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after
 from .tokenizer import ByteTokenizer
 
 TokensLike = Union[str, list[str], Tensor]
-ReturnType = Optional[Literal["logits", "loss", "both"]]
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnres_lens import AttnResConfig, HookedAttnResTransformer, bundled
+from attnres_lens import AttnResConfig, HookedAttnResTransformer
 from attnres_lens.cli import main
 from attnres_lens.protocol import GROUP_FIELDS, MODEL_FIELDS, SUMMARY_FIELDS
 

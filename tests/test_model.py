@@ -111,7 +111,7 @@ def expected_source_counts(flavour: str, mode: str, L: int, N: int) -> list[int]
     P = max(1, math.ceil(L / N))
     counts = []
     if flavour == "kimi" and mode == "block":
-        nB, has_p = 0, True  # p starts as the embedding
+        nB = 0  # B starts empty; p starts as the embedding
         for l in range(L):
             counts.append(nB + 1)  # [*B, p]
             if l % P == 0:
