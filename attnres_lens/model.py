@@ -136,6 +136,8 @@ class HookedAttnResTransformer(HookedRootModule):
         self.eval()  # no dropout anywhere; TL patching requires eval mode
         if str(cfg.dtype) != str(torch.float32):
             self.to(cfg.dtype)
+        if init_weights and cfg.device is not None:
+            self.to(cfg.device)  # as HookedTransformer does; loading places weights itself
 
     # ---------------------------------------------------------------------- construction
     def setup(self) -> None:
