@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 PROG = "attnres-lens"
 
@@ -31,41 +31,26 @@ class CLIError(Exception):
 
 
 # ============================================================================ helpers
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(convert: Callable[[str], Any], lowest: Optional[float] = None, *, strict: bool = False, what: str):
+    """An argparse ``type=``: ``convert`` the text and, with ``lowest``, require
+    ``value >= lowest`` (``> lowest`` when ``strict``); errors name ``what`` was expected."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if lowest is not None and (value <= lowest if strict else value < lowest):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+_positive_int = _number(int, 1, what="a positive integer")
+_nonneg_int = _number(int, 0, what="an integer >= 0")
+_positive_float = _number(float, 0.0, strict=True, what="a number > 0")
+_float = _number(float, what="a number")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
