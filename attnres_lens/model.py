@@ -128,7 +128,7 @@ class HookedAttnResTransformer(HookedRootModule):
         self.schedule = RoutingSchedule()
         #: Which checkpoint format the weights came from ("fresh" when built from a config).
         self.checkpoint_format = "fresh"
-        self._rotary_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._rotary_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._router_specs = source_layout(cfg)
         if init_weights:
             self.init_weights()
@@ -258,10 +258,14 @@ class HookedAttnResTransformer(HookedRootModule):
 
     # ---------------------------------------------------------------------- forward pieces
     def rotary(self, n_pos: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (n_pos, str(device))
-        if key not in self._rotary_cache:
-            self._rotary_cache[key] = rotary_cos_sin(n_pos, self.cfg.d_head, self.cfg.rotary_base, device)
-        return self._rotary_cache[key]
+        """Rotary cos/sin tables for positions ``0 .. n_pos-1``. One table per device, grown to
+        the longest sequence seen and sliced, so generation does not cache one per length."""
+        key = str(device)
+        cached = self._rotary_cache.get(key)
+        if cached is None or cached[0].shape[0] < n_pos:
+            cached = rotary_cos_sin(n_pos, self.cfg.d_head, self.cfg.rotary_base, device)
+            self._rotary_cache[key] = cached
+        return cached[0][:n_pos], cached[1][:n_pos]
 
     def initial_state(self, tokens: Int[Tensor, "batch pos"]) -> DepthState:
         """Embed ``tokens``: the state before the first sublayer."""
