@@ -44,6 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .patching import default_bands
+from .serialize import jsonable
 from .router import FAMILIES, RouterSpec
 
 if TYPE_CHECKING:  # annotations only
@@ -520,7 +521,7 @@ def _differentiable_metric(metric: Any) -> Optional[Callable[..., Tensor]]:
     """The per-prompt metric ``(logits, tokens) -> [batch]`` to differentiate, or ``None`` when
     a first-order estimate is meaningless: ``"kl"`` from the clean distribution has value and
     gradient 0 at the clean run, so every first-order estimate of it is exactly 0."""
-    from .patching import per_prompt_loss
+    from .metrics import per_prompt_loss
 
     if isinstance(metric, str):
         if metric == "loss":
@@ -969,28 +970,6 @@ def _markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if value is pd.NA or value is None:
-        return None
-    if isinstance(value, pd.DataFrame):
-        return [_jsonable(r) for r in value.to_dict(orient="records")]
-    if isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
-
-
 # =============================================================================== report
 _FAMILY_COLOURS = {"embedding": "#1f77b4", "current": "#ff7f0e", "history": "#2ca02c"}
 _SUBLAYER_MARKERS = {"attn": "o", "mlp": "s", "final": "^"}
@@ -1130,7 +1109,7 @@ class MassEffectReport:
                 "routers": self.routing.routers,
                 "bands": self.routing.bands,
             }
-        return _jsonable(out)
+        return jsonable(out)
 
     def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
         """:meth:`to_dict` as a JSON string (also written to ``path`` when given)."""

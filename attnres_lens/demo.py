@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import bundled
+from .metrics import next_token_loss
 from .protocol import DEFAULT_GROUPS, ProtocolResult, Subject, run_protocol
 
 INTRO = (
@@ -41,11 +42,8 @@ def _training_log(name: str) -> dict:
 @torch.no_grad()
 def _vanilla_loss(tokens: torch.Tensor) -> float:
     """The unwrapped baseline's loss, computed by Hugging Face's own Qwen3 (standard residual)."""
-    import torch.nn.functional as F
-
     hf = bundled.load_baseline_hf()
-    logits = hf(input_ids=tokens).logits
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)))
+    return float(next_token_loss(hf(input_ids=tokens).logits, tokens))
 
 
 def run_demo(

@@ -56,13 +56,12 @@ from torch import Tensor
 
 from .compat import ActivationCache, HookPoint
 from .model import HookedAttnResTransformer
+from .names import SUBLAYERS, TARGETS, router_name
 from .router import FAMILIES, RouterSpec
 
 MODES: tuple[str, ...] = ("zero", "mask", "mean", "patch", "resample", "scale")
 #: Modes that replace a target by a value taken from elsewhere.
 REPLACING_MODES: tuple[str, ...] = ("mean", "patch", "resample")
-TARGETS: tuple[str, ...] = ("weight", "source", "contribution")
-SUBLAYERS: tuple[str, ...] = ("attn", "mlp", "final")
 
 IndexLike = Union[None, int, slice, range, Sequence[int], Tensor]
 
@@ -171,17 +170,6 @@ class Group:
             object.__setattr__(self, "slices", tuple(pairs))
         if not isinstance(self.label, str):
             raise TypeError(f"Group.label must be a str, got {self.label!r}")
-
-
-def router_name(layer: Optional[int], sublayer: str) -> str:
-    """The hook prefix of a router: ``router_name(3, "attn") == "blocks.3.attn_router"``."""
-    if sublayer == "final":
-        return "final_router"
-    if sublayer not in ("attn", "mlp"):
-        raise ValueError(f"unknown sublayer {sublayer!r}; valid: {SUBLAYERS}")
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int for sublayer {sublayer!r}, got {layer!r}")
-    return f"blocks.{layer}.{sublayer}_router"
 
 
 def _as_where(where: Any) -> Union[Slice, Family, Group]:

@@ -18,13 +18,13 @@ from typing import Any, Optional, Union
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .compat import ActivationCache, HookedRootModule, HookPoint
 from .components import Attention, GatedMLP, RMSNorm, rotary_cos_sin
 from .config import AttnResConfig
+from .metrics import next_token_loss
 from .schedule import RoutingSchedule
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
 from .tokenizer import ByteTokenizer
@@ -396,14 +396,7 @@ class HookedAttnResTransformer(HookedRootModule):
         per_token: bool = False,
     ) -> Tensor:
         """Next-token cross-entropy (TransformerLens' ``lm_cross_entropy_loss``)."""
-        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
-        if per_token:
-            return nll
-        if attention_mask is None:
-            return nll.mean()
-        mask = attention_mask[:, 1:].to(nll.device, nll.dtype)
-        return (nll * mask).sum() / mask.sum().clamp_min(1)
+        return next_token_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
 
     # ---------------------------------------------------------------------- TL surface
     def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any):

@@ -51,6 +51,8 @@ from .interventions import (
     _select,
     resolve_where,
 )
+from .names import GROUPINGS
+from .metrics import per_prompt_kl, per_prompt_loss
 from .model import DepthState, HookedAttnResTransformer
 from .router import FAMILIES, RouterSpec
 
@@ -69,7 +71,6 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "effect_per_prompt",
 )
 ENGINES: tuple[str, ...] = ("batched", "naive")
-GROUPINGS: tuple[str, ...] = ("slice", "family", "family_band")
 METRICS: tuple[str, ...] = ("loss", "kl")
 
 
@@ -248,24 +249,6 @@ class LogitDiff:
 def logit_diff_metric(correct: Any, incorrect: Any, position: int = -1) -> LogitDiff:
     """A per-prompt logit-difference metric for :func:`sweep_sources` (see :class:`LogitDiff`)."""
     return LogitDiff(correct, incorrect, position)
-
-
-def per_prompt_loss(
-    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]
-) -> Float[Tensor, " batch"]:
-    """Mean next-token cross-entropy of each prompt."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
-    return nll.mean(dim=-1)
-
-
-def per_prompt_kl(
-    logits: Float[Tensor, "batch pos d_vocab"], clean_log_probs: Float[Tensor, "batch pos d_vocab"]
-) -> Float[Tensor, " batch"]:
-    """``KL(clean || ablated)`` of the next-token distributions, averaged over positions."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    kl = (clean_log_probs.exp() * (clean_log_probs - log_q)).sum(dim=-1)
-    return kl.mean(dim=-1)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .serialize import jsonable
+
 #: Top-level keys of ``summary.json``.
 SUMMARY_FIELDS = (
     "attnres_lens_version",
@@ -184,37 +186,6 @@ def mean_loss(model: Any, tokens: Tensor, batch_size: Optional[int] = None) -> f
         total += float(per_token.double().sum())
         count += per_token.numel()
     return total / count
-
-
-def _jsonable(value: Any) -> Any:
-    import numpy as np
-    import pandas as pd
-
-    if isinstance(value, pd.DataFrame):
-        return [_jsonable(r) for r in value.to_dict(orient="records")]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if value is pd.NA or value is None:
-        return None
-    if isinstance(value, (str, int, bool)):
-        return value
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(value)
 
 
 def _plot_content_dependence(summary: dict, path: Path) -> None:
@@ -384,11 +355,11 @@ def run_protocol(
             "mean": float(eligible["mass_std"].mean()) if len(eligible) else 0.0,
             "max": float(eligible["mass_std"].max()) if len(eligible) else 0.0,
         }
-        entry["routers"] = _jsonable(
+        entry["routers"] = jsonable(
             routing.routers[["router", "layer", "sublayer", "n_sources", "content_dependence", "entropy", "max_entropy"]]
         )
-        entry["routing_families"] = _jsonable(routing.family_bands)
-        summary["models"][subject.name] = _jsonable(entry)
+        entry["routing_families"] = jsonable(routing.family_bands)
+        summary["models"][subject.name] = jsonable(entry)
 
     _plot_content_dependence(summary, fig_dir / "content_dependence.png")
     summary["figures"].append("figures/content_dependence.png")
@@ -396,7 +367,7 @@ def run_protocol(
     advance("report")
     bar.close()
     summary["wall_s"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
     (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
     return ProtocolResult(summary=summary, reports=reports, out_dir=out)
 

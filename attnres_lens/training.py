@@ -68,9 +68,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import metrics
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .tokenizer import ByteTokenizer
@@ -523,9 +523,7 @@ def next_token_loss(model: nn.Module, tokens: Tensor) -> Tensor:
         logits = model(tokens)
     else:
         logits = model(input_ids=tokens).logits
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-    )
+    return metrics.next_token_loss(logits, tokens)
 
 
 @torch.no_grad()
