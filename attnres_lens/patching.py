@@ -33,28 +33,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
-from .interventions import (
-    MODES,
-    REPLACING_MODES,
-    TARGETS,
-    Family,
-    Group,
-    Intervention,
-    MaskAllSourcesError,
-    Slice,
-    _as_index,
-    _compile,
-    _hooks_from_ops,
-    _lookup,
-    _Memo,
-    _needed,
-    _select,
-    resolve_where,
-)
-from .names import GROUPINGS
-from .metrics import per_prompt_kl, per_prompt_loss
+from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
+from .interventions.compile import compile_interventions, hooks_from_ops
+from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
+from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, per_prompt_kl, per_prompt_loss
 from .model import DepthState, HookedAttnResTransformer
-from .router import FAMILIES, RouterSpec
+from .router import RouterSpec
+from .selection import IndexSelector, SweepUnit, Touched, as_index, default_bands, select_indices, sweep_units
+
+
+class UndefinedInterventionWarning(UserWarning):
+    """Some sweep rows mask every source of a router: their metric is NaN."""
+
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "router",
@@ -71,7 +61,6 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "effect_per_prompt",
 )
 ENGINES: tuple[str, ...] = ("batched", "naive")
-METRICS: tuple[str, ...] = ("loss", "kl")
 
 
 # ============================================================================ TL-style patching
@@ -206,228 +195,6 @@ def get_act_patch_routing(
     )
 
 
-# ============================================================================ metrics
-class LogitDiff:
-    """Metric ``logits[b, position, correct[b]] - logits[b, position, incorrect[b]]`` per prompt.
-
-    ``correct``/``incorrect`` are token ids: an int for every prompt or one per prompt. With
-    ``sweep_sources(batch_size=...)`` the sweep calls :meth:`subset` for each minibatch.
-    """
-
-    def __init__(self, correct: Any, incorrect: Any, position: int = -1):
-        self.correct = torch.as_tensor(correct, dtype=torch.long).reshape(-1)
-        self.incorrect = torch.as_tensor(incorrect, dtype=torch.long).reshape(-1)
-        if isinstance(position, bool) or not isinstance(position, int):
-            raise TypeError(f"position must be an int, got {position!r}")
-        self.position = position
-
-    @property
-    def positions(self) -> tuple[int, ...]:
-        """The logit positions the metric reads (used for the routing mass)."""
-        return (self.position,)
-
-    def subset(self, index: Int[Tensor, " n"]) -> "LogitDiff":
-        """The metric for the prompts ``index`` of the batch."""
-        pick = lambda t: t if t.numel() == 1 else t[index.to(t.device)]  # noqa: E731
-        return LogitDiff(pick(self.correct), pick(self.incorrect), self.position)
-
-    def __call__(
-        self, logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"]
-    ) -> Float[Tensor, " batch"]:
-        batch = logits.shape[0]
-        last = logits[:, self.position].float()
-        rows = torch.arange(batch, device=logits.device)
-
-        def ids(t: Tensor, name: str) -> Tensor:
-            if t.numel() not in (1, batch):
-                raise ValueError(f"{name} has {t.numel()} token ids for a batch of {batch}")
-            return t.to(logits.device).expand(batch) if t.numel() == 1 else t.to(logits.device)
-
-        return last[rows, ids(self.correct, "correct")] - last[rows, ids(self.incorrect, "incorrect")]
-
-
-def logit_diff_metric(correct: Any, incorrect: Any, position: int = -1) -> LogitDiff:
-    """A per-prompt logit-difference metric for :func:`sweep_sources` (see :class:`LogitDiff`)."""
-    return LogitDiff(correct, incorrect, position)
-
-
-@dataclass
-class _Metric:
-    name: str
-    fn: Any  # "loss" | "kl" | callable
-
-    @classmethod
-    def make(cls, metric: Any) -> "_Metric":
-        if isinstance(metric, str):
-            if metric not in METRICS:
-                raise ValueError(
-                    f"unknown metric {metric!r}; valid: {METRICS}, logit_diff_metric(...) or a "
-                    "callable (logits, tokens) -> [batch] tensor"
-                )
-            return cls(metric, metric)
-        if not callable(metric):
-            raise TypeError(f"metric must be 'loss', 'kl' or a callable, got {metric!r}")
-        return cls(getattr(metric, "__name__", type(metric).__name__), metric)
-
-    def for_batch(self, index: Tensor) -> "_Metric":
-        if callable(self.fn) and hasattr(self.fn, "subset"):
-            return _Metric(self.name, self.fn.subset(index))
-        return self
-
-    def read_positions(self, n_pos: int) -> list[int]:
-        if self.fn == "loss":
-            return list(range(n_pos - 1))
-        if self.fn == "kl":
-            return list(range(n_pos))
-        positions = getattr(self.fn, "positions", None)
-        if positions is None:
-            return list(range(n_pos))
-        return _select("metric positions", _as_index("positions", positions), n_pos, "metric")
-
-    def __call__(self, logits: Tensor, tokens: Tensor, clean_log_probs: Optional[Tensor]) -> Tensor:
-        if self.fn == "loss":
-            return per_prompt_loss(logits, tokens)
-        if self.fn == "kl":
-            return per_prompt_kl(logits, clean_log_probs)
-        out = self.fn(logits, tokens)
-        out = torch.as_tensor(out)
-        if out.ndim != 1 or out.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"metric {self.name!r} must return a [batch] tensor of length {logits.shape[0]} "
-                f"(one value per prompt), got shape {tuple(out.shape)}"
-            )
-        return out.detach().float()
-
-
-# ============================================================================ sweep units
-@dataclass
-class _Unit:
-    meta: dict
-    where: Any
-    start: int = 0  # the first sublayer step it touches
-    touched: Any = None  # [(RouterSpec, sources)]
-
-
-def default_bands(n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Early/late halves of the layers: ``early = [0, ceil(L/2))``, ``late`` = the rest (a
-    one-layer model has only ``early``)."""
-    half = math.ceil(n_layers / 2)
-    bands = {"early": tuple(range(half)), "late": tuple(range(half, n_layers))}
-    return {name: layers for name, layers in bands.items() if layers}
-
-
-def _layers_text(layers: Sequence[int]) -> str:
-    layers = sorted(layers)
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
-    return ",".join(map(str, layers))
-
-
-def _units(
-    model: HookedAttnResTransformer, groups: Any, bands: Any, routers: Optional[Sequence[str]]
-) -> list[_Unit]:
-    specs = model.router_specs
-    if routers is not None:
-        names = {s.name for s in specs}
-        routers = list(routers)
-        bad = [r for r in routers if r not in names]
-        if bad:
-            raise KeyError(f"unknown routers {bad}; routers are {[s.name for s in specs]}")
-        if not (isinstance(groups, str) and groups in ("slice", "family")):
-            raise ValueError("routers= only applies to groups='slice' or groups='family'")
-        specs = [s for s in specs if s.name in set(routers)]
-    if bands is not None and not (isinstance(groups, str) and groups == "family_band"):
-        raise ValueError("bands= only applies to groups='family_band'")
-    units: list[_Unit] = []
-    if isinstance(groups, str):
-        if groups not in GROUPINGS:
-            raise ValueError(f"unknown groups {groups!r}; valid: {GROUPINGS} or a mapping label -> slices")
-        if groups == "slice":
-            for spec in specs:
-                for src in spec.sources:
-                    meta = dict(router=spec.name, layer=spec.layer, sublayer=spec.sublayer,
-                                source=src.index, family=src.family, label=src.label)
-                    units.append(_Unit(meta, Slice(spec.name, src.index)))
-        elif groups == "family":
-            for spec in specs:
-                for fam in spec.families():
-                    labels = [s.label for s in spec.sources if s.family == fam]
-                    meta = dict(router=spec.name, layer=spec.layer, sublayer=spec.sublayer,
-                                source=None, family=fam, label=f"{fam}: {', '.join(labels)}")
-                    units.append(_Unit(meta, Family(spec.name, fam)))
-        else:
-            band_map = default_bands(model.cfg.n_layers) if bands is None else _check_bands(bands, model.cfg.n_layers)
-            for fam in FAMILIES:
-                for sub in ("attn", "mlp"):
-                    for band, layers in band_map.items():
-                        members = [
-                            s for s in specs
-                            if s.sublayer == sub and s.layer in layers and fam in s.families()
-                        ]
-                        if not members:
-                            continue
-                        label = f"{fam}, {sub}, {band} (layers {_layers_text(list(layers))})"
-                        meta = dict(router=None, layer=None, sublayer=sub, source=None, family=fam, label=label)
-                        units.append(_Unit(meta, Group(families=fam, sublayers=sub, layers=tuple(layers), label=label)))
-                final = [s for s in specs if s.sublayer == "final" and fam in s.families()]
-                if final:
-                    label = f"{fam}, final"
-                    meta = dict(router=None, layer=None, sublayer="final", source=None, family=fam, label=label)
-                    units.append(_Unit(meta, Group(families=fam, sublayers="final", label=label)))
-    elif isinstance(groups, Mapping):
-        if not groups:
-            raise ValueError("groups mapping is empty")
-        for label, members in groups.items():
-            if not isinstance(label, str):
-                raise TypeError(f"group labels must be str, got {label!r}")
-            group = Group(slices=tuple(members), label=label)
-            units.append(_Unit(dict(label=label), group))
-    else:
-        raise TypeError(f"groups must be one of {GROUPINGS} or a mapping label -> [(router, source)], got {groups!r}")
-    order = {s.name: s.step for s in model.router_specs}
-    for unit in units:
-        unit.touched = resolve_where(model, unit.where)
-        unit.start = min(order[spec.name] for spec, _ in unit.touched)
-        if isinstance(groups, Mapping):
-            unit.meta = _group_meta(unit.meta["label"], unit.touched)
-    return units
-
-
-def _group_meta(label: str, touched: list[tuple[RouterSpec, tuple[int, ...]]]) -> dict:
-    def common(values: list) -> Any:
-        return values[0] if len(set(values)) == 1 else None
-
-    specs = [spec for spec, _ in touched]
-    pairs = [(spec, i) for spec, sources in touched for i in sources]
-    return dict(
-        router=common([s.name for s in specs]),
-        layer=common([s.layer for s in specs]),
-        sublayer=common([s.sublayer for s in specs]),
-        source=pairs[0][1] if len(pairs) == 1 else None,
-        family=common([spec.sources[i].family for spec, i in pairs]),
-        label=label,
-    )
-
-
-def _check_bands(bands: Any, n_layers: int) -> dict[str, tuple[int, ...]]:
-    if not isinstance(bands, Mapping) or not bands:
-        raise TypeError(f"bands must be a non-empty mapping name -> layers, got {bands!r}")
-    out = {}
-    for name, layers in bands.items():
-        if not isinstance(name, str):
-            raise TypeError(f"band names must be str, got {name!r}")
-        layers = tuple(layers)
-        if not layers:
-            raise ValueError(f"band {name!r} has no layers")
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise TypeError(f"band {name!r} must hold int layers, got {layer!r}")
-            if not 0 <= layer < n_layers:
-                raise IndexError(f"band {name!r}: layer {layer} out of range 0..{n_layers - 1}")
-        out[name] = layers
-    return out
-
-
 # ============================================================================ the sweep
 @dataclass
 class _Clean:
@@ -498,12 +265,12 @@ def _prepare_reference(
             return None  # within each batch
         reference = tokens  # mean over the swept prompts themselves
     if isinstance(reference, (ActivationCache, Mapping)):
-        cache = reference.cache_dict if isinstance(reference, ActivationCache) else reference
+        cache = cache_mapping(reference)
         out = {}
         for name in names:
             router, what = name.rsplit(".hook_", 1)
             spec = model.router_specs[[s.name for s in model.router_specs].index(router)]
-            out[name] = _lookup(cache, spec, what)
+            out[name] = lookup_router_tensor(cache, spec, what)
         return out
     if not isinstance(reference, Tensor):
         raise TypeError(f"reference must be integer tokens or an ActivationCache, got {type(reference).__name__}")
@@ -590,142 +357,255 @@ def sweep_sources(
         ``df.attrs`` holds ``metric_clean_per_prompt``, ``mode``, ``target``, ``metric`` and
         ``engine``.
     """
+    return run_sweep(
+        model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
+        batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
+        max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
+    ).table
+
+
+@dataclass
+class SweepResult:
+    """A sweep's table and, row for row, the structured :class:`~attnres_lens.selection.SweepUnit`
+    behind each row; ``undefined`` lists the rows whose intervention is undefined (NaN rows)."""
+
+    table: pd.DataFrame
+    units: list[SweepUnit]
+    undefined: tuple[int, ...]
+
+
+@dataclass
+class SweepSettings:
+    """The validated settings of one sweep (see :func:`sweep_sources` for each)."""
+
+    mode: str
+    target: Optional[str]
+    factor: Optional[float]
+    seed: int
+    metric: Metric
+    positions: IndexSelector
+    intervened_positions: list[int]
+    batch_size: int
+    engine: str
+    max_batch_tokens: Optional[int]
+    progress: bool
+
+    def intervention(self, unit: SweepUnit, value: Any) -> Intervention:
+        return Intervention(unit.where, self.mode, target=self.target, value=value,
+                            positions=self.positions, seed=self.seed)
+
+
+def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"], **kwargs: Any) -> SweepResult:
+    """:func:`sweep_sources` (same arguments), returning the table together with its units."""
+    groups, bands, routers = kwargs.pop("groups", "slice"), kwargs.pop("bands", None), kwargs.pop("routers", None)
+    reference = kwargs.pop("reference", None)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
+    tokens = model.validate_tokens(tokens)
+    settings = _sweep_settings(tokens, **kwargs)
+    _check_resample_batches(settings, tokens.shape[0], reference)
+    units = sweep_units(model, groups, bands, routers)
+    reference_values = _reference_values(model, settings, reference, tokens, units)
+    undefined = _undefined_units(model, settings, units, reference_values)
+    clean, mass, ablated = _measure(model, tokens, settings, units, undefined, reference_values)
+    return SweepResult(_sweep_table(units, settings, clean, mass, ablated), units, undefined)
+
+
+def _sweep_settings(
+    tokens: Tensor,
+    *,
+    mode: str = "zero",
+    metric: Any = "loss",
+    positions: Any = None,
+    batch_size: Optional[int] = None,
+    engine: str = "batched",
+    progress: bool = True,
+    max_batch_tokens: Optional[int] = None,
+    target: Optional[str] = None,
+    factor: Optional[float] = None,
+    seed: int = 0,
+) -> SweepSettings:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
     if not isinstance(engine, str) or engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {ENGINES}")
-    if mode in REPLACING_MODES:
-        target = "weight" if target is None else target
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; valid targets: {TARGETS}")
-    elif target is not None:
-        raise ValueError(f"target= applies to modes {REPLACING_MODES}, not to {mode!r}")
-    if mode == "scale":
-        if factor is None:
-            raise ValueError("mode 'scale' needs factor=")
-    elif factor is not None:
-        raise ValueError(f"factor= applies to mode 'scale', not to {mode!r}")
-    tokens = model.validate_tokens(tokens)
+    target = _check_target_and_factor(mode, target, factor)
     n_prompts, n_pos = tokens.shape
-    metric_obj = _Metric.make(metric)
-    if metric_obj.fn == "loss" and n_pos < 2:
+    resolved_metric = Metric.resolve(metric)
+    if resolved_metric.fn == "loss" and n_pos < 2:
         raise ValueError("metric 'loss' needs at least 2 positions (it scores next-token predictions)")
-    pos_sel = _as_index("positions", positions)
-    int_positions = _select("positions", pos_sel, n_pos, "sweep_sources(positions=...)")
-    if batch_size is None:
-        batch_size = n_prompts
+    selector = as_index("positions", positions)
+    intervened = select_indices("positions", selector, n_pos, "sweep_sources(positions=...)")
+    batch_size = n_prompts if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if max_batch_tokens is not None and (
         isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
     ):
         raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
+    return SweepSettings(mode, target, factor, seed, resolved_metric, selector, intervened,
+                         batch_size, engine, max_batch_tokens, progress)
+
+
+def _check_target_and_factor(mode: str, target: Optional[str], factor: Optional[float]) -> Optional[str]:
+    """The target the mode acts on (``"weight"`` by default for replacing modes)."""
+    if mode in REPLACING_MODES:
+        target = "weight" if target is None else target
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; valid targets: {TARGETS}")
+    elif target is not None:
+        raise ValueError(f"target= applies to modes {REPLACING_MODES}, not to {mode!r}")
+    if mode == "scale" and factor is None:
+        raise ValueError("mode 'scale' needs factor=")
+    if mode != "scale" and factor is not None:
+        raise ValueError(f"factor= applies to mode 'scale', not to {mode!r}")
+    return target
+
+
+def _check_resample_batches(settings: SweepSettings, n_prompts: int, reference: Any) -> None:
+    batch_size = settings.batch_size
     smallest = n_prompts - (math.ceil(n_prompts / batch_size) - 1) * batch_size
-    if mode == "resample" and reference is None and smallest < 2:
+    if settings.mode == "resample" and reference is None and smallest < 2:
         raise ValueError(
             f"resampling within the batch needs minibatches of at least 2 prompts, but {n_prompts} "
             f"prompts in minibatches of {batch_size} leave one of {smallest}; change batch_size or "
             "pass reference="
         )
 
-    units = _units(model, groups, bands, routers)
-    needed_names = []
-    if mode in REPLACING_MODES:
-        for spec in {spec.name: spec for u in units for spec, _ in u.touched}.values():
-            needed_names += [f"{spec.name}.hook_{w}" for w in _needed(target)]
-    ref = _prepare_reference(model, mode, reference, tokens, needed_names, batch_size)
-    value_all: Any = factor if mode == "scale" else ref
-    if mode == "patch":
-        for name, t in ref.items():
+
+def _reference_values(
+    model: HookedAttnResTransformer, settings: SweepSettings, reference: Any, tokens: Tensor, units: list[SweepUnit]
+) -> Any:
+    """The value every intervention of the sweep carries: the factor, or the reference activations."""
+    if settings.mode == "scale":
+        return settings.factor
+    names = []
+    if settings.mode in REPLACING_MODES:
+        for spec in {spec.name: spec for unit in units for spec, _ in unit.touched}.values():
+            names += [f"{spec.name}.hook_{what}" for what in HOOKS_OF_TARGET[settings.target]]
+    values = _prepare_reference(model, settings.mode, reference, tokens, names, settings.batch_size)
+    if settings.mode == "patch":
+        n_prompts = tokens.shape[0]
+        for name, t in values.items():
             if t.ndim < 1 or t.shape[0] not in (n_prompts, 1):
                 raise ValueError(
                     f"patch reference {name} has batch {t.shape[0] if t.ndim else None}, but "
                     f"{n_prompts} prompts are swept: it must be {n_prompts} (or 1)"
                 )
+    return values
 
-    def intervention(unit: _Unit, value: Any) -> Intervention:
-        return Intervention(unit.where, mode, target=target, value=value, positions=pos_sel, seed=seed)
 
-    # Units whose intervention is undefined (mask of every source at a router).
-    undefined = set()
-    memo = _Memo()
+def _undefined_units(
+    model: HookedAttnResTransformer, settings: SweepSettings, units: list[SweepUnit], value: Any
+) -> tuple[int, ...]:
+    """Units whose intervention is undefined (masking every source of a router), with a warning."""
+    undefined = []
+    memo = ReferenceMemo()
     for i, unit in enumerate(units):
         try:
-            _compile(model, [intervention(unit, value_all)], memo=memo)
+            compile_interventions(model, [settings.intervention(unit, value)], memo=memo)
         except MaskAllSourcesError:
-            undefined.add(i)
+            undefined.append(i)
     if undefined:
         warnings.warn(
             f"{len(undefined)} rows mask every source of a router (undefined: nothing left to route "
-            f"to); their metric_ablated and effect are NaN: {[units[i].meta['label'] for i in sorted(undefined)][:6]}",
-            stacklevel=2,
+            f"to); their metric_ablated and effect are NaN: {[units[i].label for i in undefined][:6]}",
+            UndefinedInterventionWarning,
+            stacklevel=4,
         )
+    return tuple(undefined)
 
+
+def _measure(
+    model: HookedAttnResTransformer,
+    tokens: Tensor,
+    settings: SweepSettings,
+    units: list[SweepUnit],
+    undefined: tuple[int, ...],
+    value: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clean metric ``[prompt]``, the mass and the ablated metric ``[unit, prompt]``, by minibatch."""
+    n_prompts = tokens.shape[0]
     ablated = np.full((len(units), n_prompts), np.nan)
     mass = np.full((len(units), n_prompts), np.nan)
     clean_values = np.zeros(n_prompts)
-    runnable = [i for i in range(len(units)) if i not in undefined]
-    n_batches = math.ceil(n_prompts / batch_size)
-    bar = tqdm(total=len(units) * n_batches, disable=not progress, desc="sweep_sources")
+    n_batches = math.ceil(n_prompts / settings.batch_size)
+    bar = tqdm(total=len(units) * n_batches, disable=not settings.progress, desc="sweep_sources")
     try:
-        for start in range(0, n_prompts, batch_size):
-            stop = min(start + batch_size, n_prompts)
-            mb_tokens = tokens[start:stop]
-            mb_index = torch.arange(start, stop)
-            mb_metric = metric_obj.for_batch(mb_index)
-            if mode == "patch":
-                value = {n: (t if t.shape[0] == 1 else t[start:stop]) for n, t in ref.items()}
-            else:
-                value = value_all
-            clean = _clean_pass(model, mb_tokens)
-            clean_log_probs = F.log_softmax(clean.logits.float(), dim=-1) if metric_obj.fn == "kl" else None
-            clean_values[start:stop] = mb_metric(clean.logits, mb_tokens, clean_log_probs).cpu().double().numpy()
-            read = sorted(set(mb_metric.read_positions(n_pos)) & set(int_positions)) or int_positions
-            for i in range(len(units)):
-                mass[i, start:stop] = _mass(clean.weights, units[i].touched, read).cpu().double().numpy()
-            ivs = {i: intervention(units[i], value) for i in runnable}
-            if engine == "naive":
-                results = _run_naive(model, mb_tokens, ivs, mb_metric, clean_log_probs, bar)
-            else:
-                budget = max_batch_tokens or _default_budget(model, mb_tokens.numel())
-                results = _run_batched(model, mb_tokens, ivs, units, mb_metric, clean, clean_log_probs, budget, bar)
-            for i, vals in results.items():
-                ablated[i, start:stop] = vals.cpu().double().numpy()
+        for start in range(0, n_prompts, settings.batch_size):
+            rows = slice(start, min(start + settings.batch_size, n_prompts))
+            minibatch_value = value
+            if settings.mode == "patch":
+                minibatch_value = {n: (t if t.shape[0] == 1 else t[rows]) for n, t in value.items()}
+            clean_values[rows], mass[:, rows], results = _measure_minibatch(
+                model, tokens, rows, settings, units, undefined, minibatch_value, bar
+            )
+            for i, values in results.items():
+                ablated[i, rows] = values.cpu().double().numpy()
             bar.update(len(undefined))
     finally:
         bar.close()
+    return clean_values, mass, ablated
 
-    effect = ablated - clean_values[None, :]
+
+def _measure_minibatch(
+    model: HookedAttnResTransformer,
+    tokens: Tensor,
+    rows: slice,
+    settings: SweepSettings,
+    units: list[SweepUnit],
+    undefined: tuple[int, ...],
+    value: Any,
+    bar: Any,
+) -> tuple[np.ndarray, np.ndarray, dict[int, Tensor]]:
+    minibatch = tokens[rows]
+    metric = settings.metric.for_prompts(torch.arange(rows.start, rows.stop))
+    clean = _clean_pass(model, minibatch)
+    clean_log_probs = F.log_softmax(clean.logits.float(), dim=-1) if metric.fn == "kl" else None
+    clean_values = metric(clean.logits, minibatch, clean_log_probs).cpu().double().numpy()
+    # mass is read where the metric reads, among the intervened positions
+    intervened = settings.intervened_positions
+    read = sorted(set(metric.read_positions(minibatch.shape[1])) & set(intervened)) or intervened
+    mass = np.stack([_mass(clean.weights, unit.touched, read).cpu().double().numpy() for unit in units])
+    interventions = {i: settings.intervention(units[i], value) for i in range(len(units)) if i not in undefined}
+    if settings.engine == "naive":
+        results = _run_naive(model, minibatch, interventions, metric, clean_log_probs, bar)
+    else:
+        budget = settings.max_batch_tokens or _default_budget(model, minibatch.numel())
+        results = _run_batched(model, minibatch, interventions, units, metric, clean, clean_log_probs, budget, bar)
+    return clean_values, mass, results
+
+
+def _sweep_table(
+    units: list[SweepUnit], settings: SweepSettings, clean: np.ndarray, mass: np.ndarray, ablated: np.ndarray
+) -> pd.DataFrame:
+    effect = ablated - clean[None, :]
     rows = []
     for i, unit in enumerate(units):
-        row = {key: unit.meta.get(key) for key in SWEEP_COLUMNS[:6]}
-        row.update(
+        rows.append(dict(
+            unit.keys(),
             mass=float(mass[i].mean()),
-            metric_clean=float(clean_values.mean()),
+            metric_clean=float(clean.mean()),
             metric_ablated=float(ablated[i].mean()),
             effect=float(effect[i].mean()),
             mass_per_prompt=mass[i].copy(),
             effect_per_prompt=effect[i].copy(),
-        )
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    df["layer"] = df["layer"].astype("Int64")
-    df["source"] = df["source"].astype("Int64")
-    df.attrs.update(
-        metric_clean_per_prompt=clean_values,
-        mode=mode,
-        target=target,
-        metric=metric_obj.name,
-        engine=engine,
+        ))
+    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    table["layer"] = table["layer"].astype("Int64")
+    table["source"] = table["source"].astype("Int64")
+    table.attrs.update(
+        metric_clean_per_prompt=clean,
+        mode=settings.mode,
+        target=settings.target,
+        metric=settings.metric.name,
+        engine=settings.engine,
     )
-    return df
+    return table
 
 
-def _mass(
-    weights: dict[str, Tensor], touched: list[tuple[RouterSpec, tuple[int, ...]]], read: list[int]
-) -> Float[Tensor, " batch"]:
+def _mass(weights: dict[str, Tensor], touched: Touched, read: list[int]) -> Float[Tensor, " batch"]:
+    """Per prompt: per router the summed weight of the touched sources (mean over ``read``), then the mean over routers."""
     per_router = []
     for spec, sources in touched:
         w = weights[spec.name]  # [batch, pos, source]
@@ -739,15 +619,15 @@ def _run_naive(
     model: HookedAttnResTransformer,
     tokens: Tensor,
     ivs: dict[int, Intervention],
-    metric: _Metric,
+    metric: Metric,
     clean_log_probs: Optional[Tensor],
     bar: Any,
 ) -> dict[int, Tensor]:
     """One full hooked forward per row."""
-    memo = _Memo()
+    memo = ReferenceMemo()
     out = {}
     for i, iv in ivs.items():
-        hooks = _hooks_from_ops(_compile(model, [iv], memo=memo))
+        hooks = hooks_from_ops(compile_interventions(model, [iv], memo=memo))
         with torch.no_grad():
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         out[i] = metric(logits, tokens, clean_log_probs)
@@ -759,8 +639,8 @@ def _run_batched(
     model: HookedAttnResTransformer,
     tokens: Tensor,
     ivs: dict[int, Intervention],
-    units: list[_Unit],
-    metric: _Metric,
+    units: list[SweepUnit],
+    metric: Metric,
     clean: _Clean,
     clean_log_probs: Optional[Tensor],
     budget: int,
@@ -777,7 +657,7 @@ def _run_batched(
     by_start: dict[int, list[int]] = {}
     for i in ivs:
         by_start.setdefault(units[i].start, []).append(i)
-    memo = _Memo()
+    memo = ReferenceMemo()
     out = {}
     for k in sorted(by_start):
         members = by_start[k]
@@ -785,8 +665,8 @@ def _run_batched(
             stack = members[first : first + per_stack]
             ops = []
             for j, i in enumerate(stack):
-                ops += _compile(model, [ivs[i]], offset=j * batch, local_batch=batch, memo=memo)
-            hooks = _hooks_from_ops(ops)
+                ops += compile_interventions(model, [ivs[i]], offset=j * batch, local_batch=batch, memo=memo)
+            hooks = hooks_from_ops(ops)
             with torch.no_grad(), model.hooks(fwd_hooks=hooks):
                 state = model.run_from(_expand(clean.states[k], len(stack)), k)
                 logits = model.readout(state)
@@ -799,6 +679,8 @@ def _run_batched(
 __all__ = [
     "LogitDiff",
     "SWEEP_COLUMNS",
+    "SweepResult",
+    "UndefinedInterventionWarning",
     "default_bands",
     "get_act_patch_routing",
     "logit_diff_metric",
@@ -806,5 +688,6 @@ __all__ = [
     "per_prompt_loss",
     "routing_index_df",
     "routing_patch_setter",
+    "run_sweep",
     "sweep_sources",
 ]
