@@ -25,7 +25,7 @@ from attnres_lens.attribution import (
     plot_token_routing,
     routing_statistics,
 )
-from attnres_lens.attribution import _BOOTSTRAP_RNG
+from attnres_lens.attribution.bootstrap import bootstrap_rng_argument
 from attnres_lens.patching import logit_diff_metric, per_prompt_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:bootstrap CIs over only")
@@ -277,7 +277,7 @@ def test_bootstrap_cis_are_scipys(kimi_report):
         for col, values in (("mass", sweep["mass_per_prompt"].iloc[k]), ("effect", sweep["effect_per_prompt"].iloc[k])):
             res = scipy.stats.bootstrap(
                 (np.asarray(values),), np.mean, n_resamples=200, method="percentile", vectorized=True,
-                **{_BOOTSTRAP_RNG: np.random.default_rng(0)},
+                **{bootstrap_rng_argument(): np.random.default_rng(0)},
             )
             assert report.table[f"{col}_low"].iloc[k] == pytest.approx(res.confidence_interval.low, abs=1e-12)
             assert report.table[f"{col}_high"].iloc[k] == pytest.approx(res.confidence_interval.high, abs=1e-12)

@@ -1,0 +1,74 @@
+"""The exact sweep over a dataset of several batches (``patching.run_sweep`` on each)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..metrics import Metric
+from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
+
+if TYPE_CHECKING:  # annotations only
+    from ..model import HookedAttnResTransformer
+
+
+def sweep_batches(
+    model: "HookedAttnResTransformer",
+    batches: list[torch.Tensor],
+    *,
+    mode: str,
+    metric: Metric,
+    groups: Any,
+    positions: Any,
+    batch_size: Optional[int],
+    engine: str,
+    bands: Optional[Mapping[str, tuple[int, ...]]],
+    progress: bool,
+) -> SweepResult:
+    """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
+    concatenated across batches and the means recomputed over all prompts. Rows whose
+    intervention is undefined come back NaN and listed in ``undefined`` (no warning: the
+    caller reports them)."""
+    results = []
+    offset = 0
+    for batch in batches:
+        n_prompts = int(batch.shape[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedInterventionWarning)
+            results.append(run_sweep(
+                model, batch, mode=mode, metric=metric.for_prompts(torch.arange(offset, offset + n_prompts)),
+                groups=groups, positions=positions, batch_size=batch_size, engine=engine,
+                bands=bands if isinstance(groups, str) and groups == "family_band" else None,
+                progress=progress,
+            ))
+        offset += n_prompts
+    table = _concatenated(results[0].table, [result.table for result in results])
+    return SweepResult(table, results[0].units, results[0].undefined)
+
+
+def _concatenated(first: pd.DataFrame, tables: list[pd.DataFrame]) -> pd.DataFrame:
+    out = first.copy().reset_index(drop=True)
+    out.attrs = dict(first.attrs)
+    if len(tables) > 1:
+        for column in ("mass_per_prompt", "effect_per_prompt"):
+            out[column] = [
+                np.concatenate([np.asarray(t[column].iloc[row]) for t in tables]) for row in range(len(out))
+            ]
+        out.attrs["metric_clean_per_prompt"] = np.concatenate(
+            [np.asarray(t.attrs.get("metric_clean_per_prompt", [])) for t in tables]
+        )
+    out["mass"] = [float(np.mean(v)) for v in out["mass_per_prompt"]]
+    out["effect"] = [float(np.mean(v)) for v in out["effect_per_prompt"]]
+    clean = np.asarray(out.attrs.get("metric_clean_per_prompt", []), dtype=float)
+    if clean.size:
+        out["metric_clean"] = float(clean.mean())
+        out["metric_ablated"] = out["metric_clean"] + out["effect"]
+    return out
+
+
+__all__ = ["sweep_batches"]
