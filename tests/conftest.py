@@ -19,3 +19,21 @@ torch.set_num_threads(1)
 
 with install_import_hook("attnres_lens", "beartype.beartype"):
     import attnres_lens  # noqa: F401
+
+
+# ============================================================================ analysis-layer fixtures
+# (interventions, patching, attribution): tiny random models of both flavours.
+import pytest  # noqa: E402
+from reference import tiny_attnres  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["kimi", "cumulative"])
+def model(request):
+    """A 4-layer, 2-block tiny model of each flavour with randomised routers."""
+    return tiny_attnres(request.param)
+
+
+@pytest.fixture(scope="module")
+def kimi():
+    """The kimi member of ``model``."""
+    return tiny_attnres("kimi")

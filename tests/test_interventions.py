@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reference import tiny_attnres
+from reference import no_hooks_left, tiny_attnres
 
 from attnres_lens.interventions import (
     Family,
@@ -33,20 +33,6 @@ from attnres_lens.interventions import (
 )
 
 ROUTER_HOOKS = ("hook_sources", "hook_logits", "hook_weights", "hook_out")
-
-
-def make_model(flavour="kimi", routing_mode="block", n_layers=4, n_blocks=2, seed=0):
-    return tiny_attnres(flavour, routing_mode, n_layers, n_blocks, seed)
-
-
-@pytest.fixture(scope="module", params=["kimi", "cumulative"])
-def model(request):
-    return make_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def kimi():
-    return make_model("kimi")
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +67,6 @@ def run_and_capture(model, tokens, interventions, router):
     with torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
     return logits, seen
-
-
-def no_hooks_left(model) -> bool:
-    return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
 
 
 def manual_logits(model, router_name, sources):
@@ -373,7 +355,7 @@ configs = st.tuples(
 @given(config=configs, pick=st.integers(0, 10_000), s=st.floats(-3, 3, allow_nan=False))
 def test_slice_invariants(config, pick, s):
     flavour, mode, n_layers, n_blocks, seed = config
-    model = make_model(flavour, mode, n_layers, min(n_blocks, n_layers), seed)
+    model = tiny_attnres(flavour, mode, n_layers, min(n_blocks, n_layers), seed)
     toks = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(seed))
     table = model.source_table()
     row = table.iloc[pick % len(table)]

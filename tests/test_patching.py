@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reference import tiny_attnres
+from reference import no_hooks_left, tiny_attnres
 
 from attnres_lens.compat import PATCHING_HAS_REDUCE
 from attnres_lens.interventions import Group
@@ -27,20 +27,6 @@ from attnres_lens.patching import (
 )
 
 
-def make_model(flavour="kimi", routing_mode="block", n_layers=4, n_blocks=2, seed=0):
-    return tiny_attnres(flavour, routing_mode, n_layers, n_blocks, seed)
-
-
-@pytest.fixture(scope="module", params=["kimi", "cumulative"])
-def model(request):
-    return make_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def kimi():
-    return make_model("kimi")
-
-
 @pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 300, (4, 6), generator=torch.Generator().manual_seed(1))
@@ -49,10 +35,6 @@ def tokens():
 @pytest.fixture(scope="module")
 def other_tokens():
     return torch.randint(0, 300, (4, 6), generator=torch.Generator().manual_seed(2))
-
-
-def no_hooks_left(model) -> bool:
-    return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
 
 
 def assert_same(a: pd.DataFrame, b: pd.DataFrame, atol=1e-5):
@@ -105,7 +87,7 @@ configs = st.tuples(
 )
 def test_batched_equals_naive_random(config, mode, target, budget):
     flavour, routing_mode, n_layers, n_blocks, seed = config
-    model = make_model(flavour, routing_mode, n_layers, min(n_blocks, n_layers), seed)
+    model = tiny_attnres(flavour, routing_mode, n_layers, min(n_blocks, n_layers), seed)
     gen = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, 300, (2, 5), generator=gen)
     kwargs = dict(mode=mode, progress=False, max_batch_tokens=budget, metric="loss")
