@@ -70,9 +70,9 @@ def gradient_pass(
 
 
 def group_estimates(
-    w: Float[Tensor, "batch pos source"],
+    weights: Float[Tensor, "batch pos source"],
     logits: Float[Tensor, "batch pos source"],
-    g: Float[Tensor, "batch pos source"],
+    gradient: Float[Tensor, "batch pos source"],
     members: Sequence[int],
     pos_mask: Optional[Float[Tensor, " pos"]],
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
@@ -86,128 +86,149 @@ def group_estimates(
     renormalised ``alpha'`` is computed as the softmax of the logits with ``S`` removed, which
     stays exact where ``alpha_S`` rounds to 1. NaN where ``S`` is every source (masking is
     undefined)."""
-    w = w.double()
-    g = g.double()
-    idx = list(members)
-    ga = g * w
-    zero = -ga[..., idx].sum(-1)  # [batch, pos]
-    if len(idx) == w.shape[-1]:
+    weights, gradient = weights.double(), gradient.double()
+    members = list(members)
+    zero = -(gradient * weights)[..., members].sum(-1)  # [batch, pos]
+    if len(members) == weights.shape[-1]:
         mask = torch.full_like(zero, float("nan"))
     else:
         masked_logits = logits.double().clone()
-        masked_logits[..., idx] = float("-inf")
+        masked_logits[..., members] = float("-inf")
         renormalised = torch.softmax(masked_logits, dim=-1)
-        mask = (g * (renormalised - w)).sum(-1)
+        mask = (gradient * (renormalised - weights)).sum(-1)
     if pos_mask is not None:
-        pm = pos_mask.to(zero.device)
-        zero = zero * pm
-        mask = torch.where(pm.bool(), mask, torch.zeros_like(mask))
+        intervened = pos_mask.to(zero.device)
+        zero = zero * intervened
+        mask = torch.where(intervened.bool(), mask, torch.zeros_like(mask))
     return zero.sum(-1), mask.sum(-1)
 
 
-def per_sourcegroup_estimates(
-    w: Float[Tensor, "batch pos source"],
+def per_source_estimates(
+    weights: Float[Tensor, "batch pos source"],
     logits: Float[Tensor, "batch pos source"],
-    g: Float[Tensor, "batch pos source"],
+    gradient: Float[Tensor, "batch pos source"],
     pos_mask: Optional[Float[Tensor, " pos"]],
     need_mask: bool,
 ) -> dict[str, Optional[Tensor]]:
     """Every source of one router at once (``[batch, source]`` each, summed over the intervened
-    positions): the zero and mask estimates of :func:`_estimates` for single sources, and the
-    sums of alpha and of the gradient."""
-    w = w.double()
-    g = g.double()
-    pm = torch.ones(w.shape[1], dtype=torch.float64, device=w.device) if pos_mask is None else pos_mask.to(w.device)
-    pm = pm[None, :, None]
+    positions): the zero and mask estimates of :func:`group_estimates` for single sources, and
+    the sums of alpha (``mass``) and of the gradient (``grad``)."""
+    weights, gradient = weights.double(), gradient.double()
+    n_pos = weights.shape[1]
+    intervened = torch.ones(n_pos, dtype=torch.float64, device=weights.device) if pos_mask is None else pos_mask.to(weights.device)
+    intervened = intervened[None, :, None]
     out: dict[str, Optional[Tensor]] = {
-        "zero": -(g * w * pm).sum(1),
-        "mass": (w * pm).sum(1),
-        "grad": (g * pm).sum(1),
+        "zero": -(gradient * weights * intervened).sum(1),
+        "mass": (weights * intervened).sum(1),
+        "grad": (gradient * intervened).sum(1),
         "mask": None,
     }
     if need_mask:
-        b, p, n = w.shape
-        if n == 1:
-            out["mask"] = torch.full((b, 1), float("nan"), dtype=torch.float64, device=w.device)
-        else:
-            cols = []
-            step = max(1, (1 << 24) // max(1, b * p * n))  # sources per chunk: bounded memory
-            for start in range(0, n, step):
-                idx = torch.arange(start, min(n, start + step), device=w.device)
-                masked = logits.double().unsqueeze(-2).repeat(1, 1, len(idx), 1)  # [b, p, k, n]
-                masked[..., torch.arange(len(idx)), idx] = float("-inf")
-                delta = torch.softmax(masked, dim=-1) - w.unsqueeze(-2)
-                cols.append(((g.unsqueeze(-2) * delta).sum(-1) * pm).sum(1))  # [b, k]
-            out["mask"] = torch.cat(cols, dim=-1)
+        out["mask"] = _single_source_mask_estimates(weights, logits.double(), gradient, intervened)
     return out
+
+
+def _single_source_mask_estimates(
+    weights: Tensor, logits: Tensor, gradient: Tensor, intervened: Tensor
+) -> Float[Tensor, "batch source"]:
+    """``sum_j g_j (alpha'_j - alpha_j)`` with ``alpha'`` the softmax without source ``i``, for every ``i``."""
+    n_batch, n_pos, n_sources = weights.shape
+    if n_sources == 1:  # masking a router's only source is undefined
+        return torch.full((n_batch, 1), float("nan"), dtype=torch.float64, device=weights.device)
+    columns = []
+    chunk = max(1, (1 << 24) // max(1, n_batch * n_pos * n_sources))  # sources per chunk: bounded memory
+    for start in range(0, n_sources, chunk):
+        masked_sources = torch.arange(start, min(n_sources, start + chunk), device=weights.device)
+        masked = logits.unsqueeze(-2).repeat(1, 1, len(masked_sources), 1)  # [batch, pos, chunk, source]
+        masked[..., torch.arange(len(masked_sources)), masked_sources] = float("-inf")
+        delta = torch.softmax(masked, dim=-1) - weights.unsqueeze(-2)
+        columns.append(((gradient.unsqueeze(-2) * delta).sum(-1) * intervened).sum(1))  # [batch, chunk]
+    return torch.cat(columns, dim=-1)
 
 
 def gradient_rows(
     model: "HookedAttnResTransformer",
     batches: list[Tensor],
     metric: Any,
-    groups: Sequence[Sequence[tuple[str, int]]],
+    groups: Sequence[Sequence[SlicePair]],
     positions: Any,
     batch_size: Optional[int],
-    acc: Optional[RoutingAccumulator] = None,
+    accumulator: Optional[RoutingAccumulator] = None,
     kinds: tuple[str, ...] = ("zero", "mask"),
 ) -> dict[str, np.ndarray]:
     """Per-group, per-prompt gradient estimates (``[group, prompt]``) over all batches, for the
     estimates named in ``kinds``; also the per-prompt mean alpha and mean gradient of every
-    group (summed over its sources). Zeroing is linear in the sources, so a group's zero
-    estimate is the sum of its slices'; a group's mask estimate renormalises over the whole set
-    at each router (:func:`_estimates`)."""
+    group (summed over its sources), and the clean ``metric`` per prompt. Zeroing is linear in
+    the sources, so a group's zero estimate is the sum of its slices'; a group's mask estimate
+    renormalises over the whole set at each router (:func:`group_estimates`). Every chunk's
+    routing weights also feed ``accumulator`` when given."""
     metric = Metric.resolve(metric)
     if metric.differentiable() is None:
         raise ValueError(
             "metric 'kl' has value and gradient 0 at the clean run: every first-order estimate is 0 "
             "(use 'loss', a logit difference or another metric that is not minimal at the clean run)"
         )
-    need_mask = "mask" in kinds
-    cols: dict[str, list[Tensor]] = {"zero": [], "mask": [], "mass": [], "grad": []}
-    metric_vals = []
-    by_router: list[dict[str, list[int]]] = []
-    for members in groups:
-        per: dict[str, list[int]] = {}
-        for router, source in members:
-            per.setdefault(router, []).append(int(source))
-        by_router.append(per)
-    used = {router for per in by_router for router in per}
+    sources_by_router = [_sources_by_router(members) for members in groups]
+    columns: dict[str, list[Tensor]] = {"zero": [], "mask": [], "mass": [], "grad": []}
+    clean_metric = []
     offset = 0
     for batch in batches:
         for chunk in split_batch(batch, batch_size):
-            fn = metric.for_prompts(torch.arange(offset, offset + chunk.shape[0])).differentiable()
+            chunk_metric = metric.for_prompts(torch.arange(offset, offset + chunk.shape[0])).differentiable()
             offset += chunk.shape[0]
-            weights, logits, gradients, values = gradient_pass(model, chunk, fn)
-            if acc is not None:
-                acc.update(weights)
-            pos_mask = positions_mask(positions, chunk.shape[1])
-            n_read = chunk.shape[1] if pos_mask is None else float(pos_mask.sum())
-            src = {
-                r: per_sourcegroup_estimates(weights[r], logits[r], gradients[r], pos_mask, need_mask) for r in used
-            }
-            out = {k: torch.zeros(len(groups), chunk.shape[0], dtype=torch.float64) for k in cols}
-            for k, per in enumerate(by_router):
-                for router, idx in per.items():
-                    s = src[router]
-                    out["zero"][k] += s["zero"][:, idx].sum(-1).cpu()
-                    out["mass"][k] += (s["mass"][:, idx].sum(-1) / n_read).cpu()
-                    out["grad"][k] += (s["grad"][:, idx].sum(-1) / n_read).cpu()
-                    if not need_mask:
-                        continue
-                    if len(idx) == 1:
-                        out["mask"][k] += s["mask"][:, idx[0]].cpu()
-                    else:
-                        _, mk = group_estimates(weights[router], logits[router], gradients[router], idx, pos_mask)
-                        out["mask"][k] += mk.cpu()
-            if not need_mask:
-                out["mask"].fill_(float("nan"))
-            for k in cols:
-                cols[k].append(out[k])
-            metric_vals.append(values.double().cpu())
-    result = {k: torch.cat(v, 1).numpy() for k, v in cols.items()}
-    result["metric"] = torch.cat(metric_vals).numpy()
+            weights, logits, gradients, values = gradient_pass(model, chunk, chunk_metric)
+            if accumulator is not None:
+                accumulator.update(weights)
+            estimates = _chunk_estimates(weights, logits, gradients, sources_by_router, positions, "mask" in kinds)
+            for name in columns:
+                columns[name].append(estimates[name])
+            clean_metric.append(values.double().cpu())
+    result = {name: torch.cat(parts, 1).numpy() for name, parts in columns.items()}
+    result["metric"] = torch.cat(clean_metric).numpy()
     return result
+
+
+def _sources_by_router(members: Sequence[SlicePair]) -> dict[str, list[int]]:
+    by_router: dict[str, list[int]] = {}
+    for router, source in members:
+        by_router.setdefault(router, []).append(int(source))
+    return by_router
+
+
+def _chunk_estimates(
+    weights: dict[str, Tensor],
+    logits: dict[str, Tensor],
+    gradients: dict[str, Tensor],
+    sources_by_router: list[dict[str, list[int]]],
+    positions: Any,
+    need_mask: bool,
+) -> dict[str, Tensor]:
+    """The estimates of one chunk of prompts, ``[group, prompt]`` each."""
+    n_prompts, n_pos = next(iter(weights.values())).shape[:2]
+    pos_mask = positions_mask(positions, n_pos)
+    n_read = n_pos if pos_mask is None else float(pos_mask.sum())
+    routers = {router for group in sources_by_router for router in group}
+    per_source = {
+        router: per_source_estimates(weights[router], logits[router], gradients[router], pos_mask, need_mask)
+        for router in routers
+    }
+    out = {name: torch.zeros(len(sources_by_router), n_prompts, dtype=torch.float64) for name in ("zero", "mask", "mass", "grad")}
+    for row, group in enumerate(sources_by_router):
+        for router, sources in group.items():
+            at_router = per_source[router]
+            out["zero"][row] += at_router["zero"][:, sources].sum(-1).cpu()
+            out["mass"][row] += (at_router["mass"][:, sources].sum(-1) / n_read).cpu()
+            out["grad"][row] += (at_router["grad"][:, sources].sum(-1) / n_read).cpu()
+            if not need_mask:
+                continue
+            if len(sources) == 1:
+                out["mask"][row] += at_router["mask"][:, sources[0]].cpu()
+            else:  # a set renormalises together: not the sum of its single-source estimates
+                _, group_mask = group_estimates(weights[router], logits[router], gradients[router], sources, pos_mask)
+                out["mask"][row] += group_mask.cpu()
+    if not need_mask:
+        out["mask"].fill_(float("nan"))
+    return out
 
 
 def gradient_attribution(
@@ -247,14 +268,14 @@ def gradient_attribution(
     batches = as_batches(model, tokens)
     table = model.source_table()
     groups = [[(r, int(s))] for r, s in zip(table["router"], table["source"])]
-    res = gradient_rows(model, batches, metric, groups, positions, batch_size)
-    table["mass"] = res["mass"].mean(1)
-    table["grad"] = res["grad"].mean(1)
-    table["zero_estimate"] = res["zero"].mean(1)
-    table["mask_estimate"] = res["mask"].mean(1)
-    table["metric_clean"] = float(res["metric"].mean())
-    table["zero_estimate_per_prompt"] = list(res["zero"])
-    table["mask_estimate_per_prompt"] = list(res["mask"])
+    estimates = gradient_rows(model, batches, metric, groups, positions, batch_size)
+    table["mass"] = estimates["mass"].mean(1)
+    table["grad"] = estimates["grad"].mean(1)
+    table["zero_estimate"] = estimates["zero"].mean(1)
+    table["mask_estimate"] = estimates["mask"].mean(1)
+    table["metric_clean"] = float(estimates["metric"].mean())
+    table["zero_estimate_per_prompt"] = list(estimates["zero"])
+    table["mask_estimate_per_prompt"] = list(estimates["mask"])
     return table
 
 
