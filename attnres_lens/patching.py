@@ -38,7 +38,6 @@ from .interventions.compile import compile_interventions, hooks_from_ops
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
 from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, per_prompt_kl, per_prompt_loss
 from .model import DepthState, HookedAttnResTransformer
-from .router import RouterSpec
 from .selection import IndexSelector, SweepUnit, Touched, as_index, default_bands, select_indices, sweep_units
 
 

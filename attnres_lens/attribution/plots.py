@@ -73,25 +73,25 @@ def source_columns(source_table: pd.DataFrame) -> list[str]:
 def cell_layout(report: MassEffectReport) -> tuple[list[str], list[str], list[tuple[int, int]], str, str]:
     """Row labels, column labels and the (row, column) cell of every table row."""
     t = report.table
-    st = report.source_table
+    sources = report.source_table
     slice_level = "source" in t and t["source"].notna().all() and "router" in t
     if slice_level:
-        routers = list(dict.fromkeys(st["router"]))
-        first = st.drop_duplicates("router").set_index("router")
+        routers = list(dict.fromkeys(sources["router"]))
+        first = sources.drop_duplicates("router").set_index("router")
         row_labels = [router_label(first.loc[r, "layer"], first.loc[r, "sublayer"]) for r in routers]
-        cols = source_columns(st)
-        label_of = st.set_index(["router", "source"])["label"]
+        columns = source_columns(sources)
+        label_of = sources.set_index(["router", "source"])["label"]
         cells = [
-            (routers.index(r), cols.index(label_of[(r, int(s))])) for r, s in zip(t["router"], t["source"])
+            (routers.index(r), columns.index(label_of[(r, int(s))])) for r, s in zip(t["router"], t["source"])
         ]
-        return row_labels, cols, cells, "router (layer x sublayer)", "source"
-    fams = [f for f in FAMILIES if f in set(t.get("family", []))]
+        return row_labels, columns, cells, "router (layer x sublayer)", "source"
+    families = [f for f in FAMILIES if f in set(t.get("family", []))]
     if "router" in t and t["router"].notna().all():
-        routers = [r for r in dict.fromkeys(st["router"]) if r in set(t["router"])]
-        first = st.drop_duplicates("router").set_index("router")
+        routers = [r for r in dict.fromkeys(sources["router"]) if r in set(t["router"])]
+        first = sources.drop_duplicates("router").set_index("router")
         row_labels = [router_label(first.loc[r, "layer"], first.loc[r, "sublayer"]) for r in routers]
-        cells = [(routers.index(r), fams.index(f)) for r, f in zip(t["router"], t["family"])]
-        return row_labels, fams, cells, "router (layer x sublayer)", "source family"
+        cells = [(routers.index(r), families.index(f)) for r, f in zip(t["router"], t["family"])]
+        return row_labels, families, cells, "router (layer x sublayer)", "source family"
     keys = []
     for _, r in t.iterrows():
         parts = [str(r[c]) for c in ("sublayer", "band") if c in t and not is_missing(r[c])]
@@ -105,8 +105,8 @@ def cell_layout(report: MassEffectReport) -> tuple[list[str], list[str], list[tu
 
     row_labels = sorted(dict.fromkeys(keys), key=sort_key)
     if "family" in t and t["family"].notna().all():
-        cells = [(row_labels.index(k), fams.index(f)) for k, f in zip(keys, t["family"])]
-        return row_labels, fams, cells, "sublayer x depth band", "source family"
+        cells = [(row_labels.index(k), families.index(f)) for k, f in zip(keys, t["family"])]
+        return row_labels, families, cells, "sublayer x depth band", "source family"
     names = list(t["name"])
     return row_labels, names, [(row_labels.index(k), i) for i, k in enumerate(keys)], "group", "group"
 
@@ -114,71 +114,86 @@ def cell_layout(report: MassEffectReport) -> tuple[list[str], list[str], list[tu
 def heatmap(
     report: MassEffectReport, value: str, *, path: Optional[str], annotate: Optional[bool], scale: str = "auto"
 ) -> "Figure":
-    from matplotlib.patches import Patch, Rectangle
-
-    rows, cols, cells, row_title, col_title = cell_layout(report)
-    t = report.table
-    grid = np.full((len(rows), len(cols)), np.nan)
-    for (r, c), v in zip(cells, t[value].to_numpy(dtype=float)):
-        grid[r, c] = v
-    width = min(24.0, 2.8 + 0.42 * len(cols))
-    height = min(30.0, 1.6 + 0.3 * len(rows))
+    """The table's ``value`` (``"mass"`` or ``"effect"``) on the grid of :func:`cell_layout`."""
+    row_labels, column_labels, cells, row_title, column_title = cell_layout(report)
+    values = report.table[value].to_numpy(dtype=float)
+    grid = np.full((len(row_labels), len(column_labels)), np.nan)
+    for (row, column), cell_value in zip(cells, values):
+        grid[row, column] = cell_value
+    width = min(24.0, 2.8 + 0.42 * len(column_labels))
+    height = min(30.0, 1.6 + 0.3 * len(row_labels))
     fig = new_figure(max(width, 5.5), max(height, 3.2))
     ax = fig.add_subplot()
-    ax.set_facecolor("#e6e6e6")
-    masked = np.ma.masked_invalid(grid)
-    if value == "mass":
-        im = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=max(1e-12, float(np.nanmax(grid))), aspect="auto")
-        title = "Routing mass (mean alpha over prompts)"
-        bar = "mass"
-    else:
-        from matplotlib.colors import Normalize, SymLogNorm
-
-        s = report.settings
-        scale, lim = axis_scale(grid, scale)
-        if scale == "symlog":
-            linthresh = max(float(s.get("effect_threshold", 0.0)), lim * 1e-3)
-            norm = SymLogNorm(linthresh=linthresh, vmin=-lim, vmax=lim, base=10)
-        else:
-            norm = Normalize(vmin=-lim, vmax=lim)
-        im = ax.imshow(masked, cmap="RdBu_r", norm=norm, aspect="auto")
-        title = f"Effect of {s.get('mode', '?')}-ablation on {s.get('metric', '?')} (ablated - clean)"
-        bar = f"effect ({s.get('metric', 'metric')}){', symlog' if scale == 'symlog' else ''}"
-    fig.colorbar(im, ax=ax, label=bar, shrink=0.8)
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel(col_title)
+    ax.set_facecolor("#e6e6e6")  # cells a row does not fill
+    image, title, bar_label = _draw_grid(ax, grid, value, report.settings, scale)
+    fig.colorbar(image, ax=ax, label=bar_label, shrink=0.8)
+    ax.set_xticks(range(len(column_labels)), column_labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_xlabel(column_title)
     ax.set_ylabel(row_title)
     ax.set_title(title, fontsize=10)
-    if annotate is None:
-        annotate = grid.size <= 400
-    if annotate:
-        for (r, c), v in zip(cells, t[value].to_numpy(dtype=float)):
-            if not math.isfinite(v):
-                continue
-            rgba = im.cmap(im.norm(v))
-            lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-            text = f"{v:.2f}" if value == "mass" else f"{v:+.2g}"
-            ax.text(c, r, text, ha="center", va="center", fontsize=6.5, color="black" if lum > 0.5 else "white")
-    handles = []
-    if value == "effect":
-        for (r, c), ok in zip(cells, t["effect_ci_excludes_zero"].to_numpy()):
-            if not ok:
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#888888", lw=0))
-        handles.append(Patch(facecolor="white", edgecolor="#888888", hatch="///", label="CI includes 0"))
+    if grid.size <= 400 if annotate is None else annotate:
+        _annotate_cells(ax, image, cells, values, value)
+    handles = _hatch_uncertain_cells(ax, cells, report.table) if value == "effect" else []
+    handles += _outline_flagged_cells(ax, cells, report.table["flag"])
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", fontsize=7, ncol=len(handles), frameon=False)
+    return save_figure(fig, path)
+
+
+def _draw_grid(ax: Any, grid: np.ndarray, value: str, settings: dict, scale: str) -> tuple[Any, str, str]:
+    """The image of the grid, its title and its colour-bar label."""
+    masked = np.ma.masked_invalid(grid)
+    if value == "mass":
+        image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=max(1e-12, float(np.nanmax(grid))), aspect="auto")
+        return image, "Routing mass (mean alpha over prompts)", "mass"
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    scale, largest = axis_scale(grid, scale)
+    if scale == "symlog":
+        linthresh = max(float(settings.get("effect_threshold", 0.0)), largest * 1e-3)
+        norm = SymLogNorm(linthresh=linthresh, vmin=-largest, vmax=largest, base=10)
+    else:
+        norm = Normalize(vmin=-largest, vmax=largest)
+    image = ax.imshow(masked, cmap="RdBu_r", norm=norm, aspect="auto")
+    metric = settings.get("metric", "metric")
+    title = f"Effect of {settings.get('mode', '?')}-ablation on {settings.get('metric', '?')} (ablated - clean)"
+    return image, title, f"effect ({metric}){', symlog' if scale == 'symlog' else ''}"
+
+
+def _annotate_cells(ax: Any, image: Any, cells: list[tuple[int, int]], values: np.ndarray, value: str) -> None:
+    for (row, column), cell_value in zip(cells, values):
+        if not math.isfinite(cell_value):
+            continue
+        rgba = image.cmap(image.norm(cell_value))
+        luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+        text = f"{cell_value:.2f}" if value == "mass" else f"{cell_value:+.2g}"
+        ax.text(column, row, text, ha="center", va="center", fontsize=6.5,
+                color="black" if luminance > 0.5 else "white")
+
+
+def _hatch_uncertain_cells(ax: Any, cells: list[tuple[int, int]], table: pd.DataFrame) -> list:
+    """Hatch the cells whose effect CI includes 0; the legend handle."""
+    from matplotlib.patches import Patch, Rectangle
+
+    for (row, column), excludes_zero in zip(cells, table["effect_ci_excludes_zero"].to_numpy()):
+        if not excludes_zero:
+            ax.add_patch(Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#888888", lw=0))
+    return [Patch(facecolor="white", edgecolor="#888888", hatch="///", label="CI includes 0")]
+
+
+def _outline_flagged_cells(ax: Any, cells: list[tuple[int, int]], flags: pd.Series) -> list:
+    """Outline flagged cells, one line style per flag; the legend handles of the flags present."""
+    from matplotlib.patches import Patch, Rectangle
+
     styles = {
         FLAG_MASS_WITHOUT_CAUSAL_ROLE: dict(edgecolor="black", linestyle="-"),
         FLAG_CAUSAL_WITHOUT_MASS: dict(edgecolor="#d62728", linestyle="--"),
     }
-    for (r, c), flag in zip(cells, t["flag"]):
+    for (row, column), flag in zip(cells, flags):
         if flag in styles:
-            ax.add_patch(Rectangle((c - 0.44, r - 0.44), 0.88, 0.88, fill=False, lw=2.0, **styles[flag]))
-    for flag, st in styles.items():
-        if (t["flag"] == flag).any():
-            handles.append(Patch(facecolor="none", lw=2.0, label=flag, **st))
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", fontsize=7, ncol=len(handles), frameon=False)
-    return save_figure(fig, path)
+            ax.add_patch(Rectangle((column - 0.44, row - 0.44), 0.88, 0.88, fill=False, lw=2.0, **styles[flag]))
+    return [Patch(facecolor="none", lw=2.0, label=flag, **style) for flag, style in styles.items() if (flags == flag).any()]
 
 
 def scatter(
@@ -190,10 +205,10 @@ def scatter(
     s = report.settings
     fig = new_figure(7.5, 5.2)
     ax = fig.add_subplot()
-    fams = t["family"] if "family" in t else pd.Series(["history"] * len(t))
-    subs = t["sublayer"] if "sublayer" in t else pd.Series(["attn"] * len(t))
+    families = t["family"] if "family" in t else pd.Series(["history"] * len(t))
+    sublayers = t["sublayer"] if "sublayer" in t else pd.Series(["attn"] * len(t))
     eligible = t["eligible"] if "eligible" in t else pd.Series([True] * len(t))
-    for (fam, sub, ok), part in t.groupby([fams, subs, eligible], sort=False):
+    for (fam, sub, ok), part in t.groupby([families, sublayers, eligible], sort=False):
         xerr = np.vstack([part["mass"] - part["mass_low"], part["mass_high"] - part["mass"]]).clip(0)
         yerr = np.vstack([part["effect"] - part["effect_low"], part["effect_high"] - part["effect"]]).clip(0)
         colour = FAMILY_COLOURS.get(fam, "#7f7f7f")
@@ -203,8 +218,8 @@ def scatter(
             linestyle="none", markerfacecolor=colour if ok else "none",
         )
     ax.axhline(0.0, color="black", lw=0.8)
-    thr = s["effect_threshold"]
-    ax.axhspan(-thr, thr, color="#bbbbbb", alpha=0.35, lw=0)
+    effect_threshold = s["effect_threshold"]
+    ax.axhspan(-effect_threshold, effect_threshold, color="#bbbbbb", alpha=0.35, lw=0)
     ax.axvline(s["mass_threshold"], color="black", lw=0.8, ls="--")
     ax.axvline(s["low_mass_threshold"], color="#d62728", lw=0.8, ls=":")
     if annotate_flags:
@@ -224,9 +239,9 @@ def scatter(
                 color="black" if r["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE else "#d62728",
             )
     handles = [
-        Line2D([], [], color=c, marker="o", ls="none", label=f) for f, c in FAMILY_COLOURS.items() if f in set(fams)
+        Line2D([], [], color=c, marker="o", ls="none", label=f) for f, c in FAMILY_COLOURS.items() if f in set(families)
     ] + [
-        Line2D([], [], color="#555555", marker=m, ls="none", label=k) for k, m in SUBLAYER_MARKERS.items() if k in set(subs)
+        Line2D([], [], color="#555555", marker=m, ls="none", label=k) for k, m in SUBLAYER_MARKERS.items() if k in set(sublayers)
     ] + (
         [Line2D([], [], color="#555555", marker="o", markerfacecolor="none", ls="none", label="single-source router")]
         if not eligible.all()
@@ -234,15 +249,15 @@ def scatter(
     ) + [
         Line2D([], [], color="black", ls="--", lw=0.8, label=f"appreciable mass >= {s['mass_threshold']}"),
         Line2D([], [], color="#d62728", ls=":", lw=0.8, label=f"little mass < {s['low_mass_threshold']}"),
-        Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label=f"|effect| < {thr}"),
+        Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label=f"|effect| < {effect_threshold}"),
     ]
     ax.legend(handles=handles, fontsize=7, loc="best")
     yscale, lim = axis_scale(t["effect"].to_numpy(dtype=float), yscale, "yscale")
     if yscale == "symlog":
-        ax.set_yscale("symlog", linthresh=max(thr, lim * 1e-3))
+        ax.set_yscale("symlog", linthresh=max(effect_threshold, lim * 1e-3))
         top = float(np.nanmax(t["effect_high"]))
         bottom = float(np.nanmin(t["effect_low"]))
-        ax.set_ylim(min(bottom * 1.6, -thr * 1.5), max(top * 1.6, thr * 1.5))
+        ax.set_ylim(min(bottom * 1.6, -effect_threshold * 1.5), max(top * 1.6, effect_threshold * 1.5))
     ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
     ax.set_ylabel(f"effect on {s['metric']} ({s['mode']}-ablated - clean), bootstrap CI")
     ax.set_title(f"Mass vs effect ({s['n_prompts']} prompts, {s['confidence']:.0%} CIs)", fontsize=10)
@@ -260,9 +275,9 @@ def gradient_scatter(report: MassEffectReport, *, path: Optional[str], scale: st
         yerr = np.vstack([part["effect"] - part["effect_low"], part["effect_high"] - part["effect"]]).clip(0)
         ax.errorbar(part["grad_estimate"], part["effect"], yerr=yerr, fmt="o", markersize=4, capsize=2,
                     color=FAMILY_COLOURS.get(fam, "#7f7f7f"), label=fam, linestyle="none", alpha=0.85)
-    lo = float(np.nanmin([t["grad_estimate"].min(), t["effect_low"].min()]))
-    hi = float(np.nanmax([t["grad_estimate"].max(), t["effect_high"].max()]))
-    line = np.linspace(lo, hi, 400)
+    low = float(np.nanmin([t["grad_estimate"].min(), t["effect_low"].min()]))
+    high = float(np.nanmax([t["grad_estimate"].max(), t["effect_high"].max()]))
+    line = np.linspace(low, high, 400)
     ax.plot(line, line, color="black", lw=0.8, ls="--", label="y = x")
     values = np.concatenate([t["grad_estimate"].to_numpy(float), t["effect"].to_numpy(float)])
     scale, lim = axis_scale(values, scale)

@@ -55,7 +55,6 @@ from .compile import apply_interventions, model_with_interventions, run_with_int
 from .spec import (
     MODES,
     REPLACING_MODES,
-    IndexLike,
     Intervention,
     MaskAllSourcesError,
     mask,
