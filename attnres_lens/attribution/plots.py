@@ -199,70 +199,80 @@ def _outline_flagged_cells(ax: Any, cells: list[tuple[int, int]], flags: pd.Seri
 def scatter(
     report: MassEffectReport, *, path: Optional[str], annotate_flags: bool, max_labels: int = 8, yscale: str = "auto"
 ) -> "Figure":
-    from matplotlib.lines import Line2D
-
+    """Mass against effect with CIs on both, coloured by family, one marker per sublayer kind."""
     t = report.table
-    s = report.settings
+    settings = report.settings
     fig = new_figure(7.5, 5.2)
     ax = fig.add_subplot()
     families = t["family"] if "family" in t else pd.Series(["history"] * len(t))
     sublayers = t["sublayer"] if "sublayer" in t else pd.Series(["attn"] * len(t))
     eligible = t["eligible"] if "eligible" in t else pd.Series([True] * len(t))
-    for (fam, sub, ok), part in t.groupby([families, sublayers, eligible], sort=False):
+    for (family, sublayer, is_eligible), part in t.groupby([families, sublayers, eligible], sort=False):
         xerr = np.vstack([part["mass"] - part["mass_low"], part["mass_high"] - part["mass"]]).clip(0)
         yerr = np.vstack([part["effect"] - part["effect_low"], part["effect_high"] - part["effect"]]).clip(0)
-        colour = FAMILY_COLOURS.get(fam, "#7f7f7f")
+        colour = FAMILY_COLOURS.get(family, "#7f7f7f")
         ax.errorbar(
-            part["mass"], part["effect"], xerr=xerr, yerr=yerr, fmt=SUBLAYER_MARKERS.get(sub, "o"),
+            part["mass"], part["effect"], xerr=xerr, yerr=yerr, fmt=SUBLAYER_MARKERS.get(sublayer, "o"),
             color=colour, ecolor=colour, elinewidth=0.7, capsize=2, markersize=5, alpha=0.8,
-            linestyle="none", markerfacecolor=colour if ok else "none",
+            linestyle="none", markerfacecolor=colour if is_eligible else "none",  # hollow: single-source routers
         )
     ax.axhline(0.0, color="black", lw=0.8)
-    effect_threshold = s["effect_threshold"]
+    effect_threshold = settings["effect_threshold"]
     ax.axhspan(-effect_threshold, effect_threshold, color="#bbbbbb", alpha=0.35, lw=0)
-    ax.axvline(s["mass_threshold"], color="black", lw=0.8, ls="--")
-    ax.axvline(s["low_mass_threshold"], color="#d62728", lw=0.8, ls=":")
+    ax.axvline(settings["mass_threshold"], color="black", lw=0.8, ls="--")
+    ax.axvline(settings["low_mass_threshold"], color="#d62728", lw=0.8, ls=":")
     if annotate_flags:
-        span = float(np.nanmax(t["effect_high"]) - np.nanmin(t["effect_low"])) or 1.0
-        stacked: dict[tuple[int, int], int] = {}
-        flagged = t[t["flag"] != ""]
-        # name the most telling flagged rows: the largest mass without a role, the largest
-        # effect without mass
-        no_role = flagged[flagged["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE].nlargest(max_labels, "mass")
-        causal = flagged[flagged["flag"] == FLAG_CAUSAL_WITHOUT_MASS].nlargest(max_labels, "abs_effect")
-        for _, r in pd.concat([causal, no_role]).head(max_labels).iterrows():
-            spot = (round(r["mass"] * 25), round(r["effect"] / span * 25))  # labels that would overlap
-            k = stacked.get(spot, 0)
-            stacked[spot] = k + 1
-            ax.annotate(
-                r["name"], (r["mass"], r["effect"]), xytext=(6, 6 + 10 * k), textcoords="offset points", fontsize=7,
-                color="black" if r["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE else "#d62728",
-            )
-    handles = [
-        Line2D([], [], color=c, marker="o", ls="none", label=f) for f, c in FAMILY_COLOURS.items() if f in set(families)
-    ] + [
-        Line2D([], [], color="#555555", marker=m, ls="none", label=k) for k, m in SUBLAYER_MARKERS.items() if k in set(sublayers)
-    ] + (
-        [Line2D([], [], color="#555555", marker="o", markerfacecolor="none", ls="none", label="single-source router")]
-        if not eligible.all()
-        else []
-    ) + [
-        Line2D([], [], color="black", ls="--", lw=0.8, label=f"appreciable mass >= {s['mass_threshold']}"),
-        Line2D([], [], color="#d62728", ls=":", lw=0.8, label=f"little mass < {s['low_mass_threshold']}"),
-        Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label=f"|effect| < {effect_threshold}"),
-    ]
-    ax.legend(handles=handles, fontsize=7, loc="best")
-    yscale, lim = axis_scale(t["effect"].to_numpy(dtype=float), yscale, "yscale")
+        _label_flagged_points(ax, t, max_labels)
+    ax.legend(handles=_scatter_legend(set(families), set(sublayers), bool(eligible.all()), settings), fontsize=7, loc="best")
+    yscale, largest = axis_scale(t["effect"].to_numpy(dtype=float), yscale, "yscale")
     if yscale == "symlog":
-        ax.set_yscale("symlog", linthresh=max(effect_threshold, lim * 1e-3))
+        ax.set_yscale("symlog", linthresh=max(effect_threshold, largest * 1e-3))
         top = float(np.nanmax(t["effect_high"]))
         bottom = float(np.nanmin(t["effect_low"]))
         ax.set_ylim(min(bottom * 1.6, -effect_threshold * 1.5), max(top * 1.6, effect_threshold * 1.5))
     ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
-    ax.set_ylabel(f"effect on {s['metric']} ({s['mode']}-ablated - clean), bootstrap CI")
-    ax.set_title(f"Mass vs effect ({s['n_prompts']} prompts, {s['confidence']:.0%} CIs)", fontsize=10)
+    ax.set_ylabel(f"effect on {settings['metric']} ({settings['mode']}-ablated - clean), bootstrap CI")
+    ax.set_title(f"Mass vs effect ({settings['n_prompts']} prompts, {settings['confidence']:.0%} CIs)", fontsize=10)
     ax.set_xlim(-0.03, 1.03)
     return save_figure(fig, path)
+
+
+def _label_flagged_points(ax: Any, table: pd.DataFrame, max_labels: int) -> None:
+    """Name the most telling flagged rows: the largest effects without mass, then the largest
+    masses without a role; labels that would overlap are stacked."""
+    span = float(np.nanmax(table["effect_high"]) - np.nanmin(table["effect_low"])) or 1.0
+    stacked: dict[tuple[int, int], int] = {}
+    flagged = table[table["flag"] != ""]
+    no_role = flagged[flagged["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE].nlargest(max_labels, "mass")
+    causal = flagged[flagged["flag"] == FLAG_CAUSAL_WITHOUT_MASS].nlargest(max_labels, "abs_effect")
+    for _, row in pd.concat([causal, no_role]).head(max_labels).iterrows():
+        spot = (round(row["mass"] * 25), round(row["effect"] / span * 25))
+        n_below = stacked.get(spot, 0)
+        stacked[spot] = n_below + 1
+        ax.annotate(
+            row["name"], (row["mass"], row["effect"]), xytext=(6, 6 + 10 * n_below), textcoords="offset points",
+            fontsize=7, color="black" if row["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE else "#d62728",
+        )
+
+
+def _scatter_legend(families: set, sublayers: set, all_eligible: bool, settings: dict) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=colour, marker="o", ls="none", label=family)
+        for family, colour in FAMILY_COLOURS.items() if family in families
+    ] + [
+        Line2D([], [], color="#555555", marker=marker, ls="none", label=sublayer)
+        for sublayer, marker in SUBLAYER_MARKERS.items() if sublayer in sublayers
+    ]
+    if not all_eligible:
+        handles.append(Line2D([], [], color="#555555", marker="o", markerfacecolor="none", ls="none",
+                              label="single-source router"))
+    return handles + [
+        Line2D([], [], color="black", ls="--", lw=0.8, label=f"appreciable mass >= {settings['mass_threshold']}"),
+        Line2D([], [], color="#d62728", ls=":", lw=0.8, label=f"little mass < {settings['low_mass_threshold']}"),
+        Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label=f"|effect| < {settings['effect_threshold']}"),
+    ]
 
 
 def gradient_scatter(report: MassEffectReport, *, path: Optional[str], scale: str = "auto") -> "Figure":
