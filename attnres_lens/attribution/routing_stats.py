@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..names import SUBLAYERS
-from ..router import FAMILIES
+from ..router import FAMILIES, RouterSpec
 from ..selection import BandsLike, band_of, resolve_bands
 from .data import as_batches, capture_weights_hooks, split_batch
 from .tables import markdown_table
@@ -113,44 +113,20 @@ class RoutingAccumulator:
         slice_rows, family_rows, router_rows = [], [], []
         prompt_mass: dict[tuple[str, int], np.ndarray] = {}
         for spec in self.specs:
-            st = self.moments[spec.name].finish()
-            band = band_of(spec, self.bands)
-            base = {"router": spec.name, "layer": spec.layer, "sublayer": spec.sublayer, "band": band}
-            n = spec.n_sources
-            for src in spec.sources:
-                i = src.index
-                slice_rows.append(
-                    {
-                        **base,
-                        "source": i,
-                        "family": src.family,
-                        "label": src.label,
-                        **_stat_columns(st, i),
-                    }
-                )
-                prompt_mass[(spec.name, i)] = st["prompt_mass"][i]
-            for j, (fam, idx) in enumerate(self.family_index[spec.name]):
-                family_rows.append({**base, "family": fam, "n_sources": len(idx), **_stat_columns(st, n + j)})
-            var, mass = st["var"][:n], st["mass"][:n]
-            bound = float((mass * (1 - mass)).sum())
-            total_var = float(np.clip(var, 0, None).sum())
-            router_rows.append(
-                {
-                    **base,
-                    "n_sources": n,
-                    "content_dependence": 0.0
-                    if total_var <= 0.0 or bound <= 0.0
-                    else min(1.0, math.sqrt(total_var / bound)),
-                    "entropy": self.entropy_sum[spec.name] / max(self.n_tokens, 1),
-                    "max_entropy": math.log(n),
-                }
-            )
-        slices = _with_int_layer(pd.DataFrame(slice_rows))
+            stats = self.moments[spec.name].finish()  # columns: the sources, then the families
+            keys = {"router": spec.name, "layer": spec.layer, "sublayer": spec.sublayer, "band": band_of(spec, self.bands)}
+            for source in spec.sources:
+                slice_rows.append({**keys, "source": source.index, "family": source.family, "label": source.label,
+                                   **_stat_columns(stats, source.index)})
+                prompt_mass[(spec.name, source.index)] = stats["prompt_mass"][source.index]
+            for j, (family, members) in enumerate(self.family_index[spec.name]):
+                family_rows.append({**keys, "family": family, "n_sources": len(members),
+                                    **_stat_columns(stats, spec.n_sources + j)})
+            router_rows.append({**keys, **self._router_columns(spec, stats)})
         families = _with_int_layer(pd.DataFrame(family_rows))
-        routers = _with_int_layer(pd.DataFrame(router_rows))
         return RoutingStatistics(
-            slices=slices,
-            routers=routers,
+            slices=_with_int_layer(pd.DataFrame(slice_rows)),
+            routers=_with_int_layer(pd.DataFrame(router_rows)),
             router_families=families,
             families=_aggregate_families(families, ["family"]),
             family_bands=_aggregate_families(
@@ -163,6 +139,20 @@ class RoutingAccumulator:
             n_tokens=self.n_tokens,
             prompt_mass=prompt_mass,
         )
+
+    def _router_columns(self, spec: RouterSpec, stats: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """A router's pooled content dependence and its mean routing entropy."""
+        n_sources = spec.n_sources
+        variance, mass = stats["var"][:n_sources], stats["mass"][:n_sources]
+        bound = float((mass * (1 - mass)).sum())
+        total_variance = float(np.clip(variance, 0, None).sum())
+        dependence = 0.0 if total_variance <= 0.0 or bound <= 0.0 else min(1.0, math.sqrt(total_variance / bound))
+        return {
+            "n_sources": n_sources,
+            "content_dependence": dependence,
+            "entropy": self.entropy_sum[spec.name] / max(self.n_tokens, 1),
+            "max_entropy": math.log(n_sources),
+        }
 
 
 def _stat_columns(st: Mapping[str, np.ndarray], i: int) -> dict[str, float]:
