@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 PROG = "attnres-lens"
 
@@ -31,7 +31,7 @@ class CLIError(Exception):
 
 
 # ============================================================================ helpers
-def _number(convert: Callable[[str], Any], lowest: Optional[float] = None, *, strict: bool = False, what: str):
+def _number(convert: Callable[[str], Any], lowest: Optional[Union[int, float]] = None, *, strict: bool = False, what: str):
     """An argparse ``type=``: ``convert`` the text and, with ``lowest``, require
     ``value >= lowest`` (``> lowest`` when ``strict``); errors name ``what`` was expected."""
 
@@ -156,7 +156,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def _add_train(sub: Any) -> None:
-    from .training import TrainConfig
+    from .train_config import TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(

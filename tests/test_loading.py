@@ -329,7 +329,7 @@ def test_saving_an_unrepresentable_model_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
+def test_loading_peak_memory_stays_under_1_3x_the_model(tmp_path):
     """~100 MB checkpoint loaded in a fresh process: peak RSS growth stays under 1.3x the model
     (the model plus one bounded window of the file; no whole-file or double copies)."""
     model = tiny_qwen3(seed=0, vocab=4096, d_model=512, n_layers=6, n_heads=8, n_kv=4, head_dim=64, d_mlp=1536)
@@ -338,7 +338,7 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
     # VmHWM is the peak RSS of this process image (ru_maxrss would carry pytest's over exec).
     script = textwrap.dedent(
         f"""
-        import torch, transformers, safetensors, huggingface_hub, attnres_lens.loading
+        import torch, transformers, safetensors, huggingface_hub, attnres_lens.loading, attnres_lens.model
         def status(field):
             line = next(l for l in open('/proc/self/status') if l.startswith(field + ':'))
             return int(line.split()[1]) * 1024
@@ -353,3 +353,50 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     grown = int(out.split()[-1])
     assert grown < 1.3 * n_bytes, f"loading grew RSS by {grown / 1e6:.0f} MB for a {n_bytes / 1e6:.0f} MB model: {out}"
+
+
+# ---------------------------------------------------------------------------- module shape
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"flavour": "kimi"},
+        {"flavour": "cumulative", "routing_mode": "full", "tie_word_embeddings": True},
+        {"flavour": "kimi", "n_heads": 6, "d_head": 4, "n_key_value_heads": 2, "d_mlp": 40},
+    ],
+)
+def test_checkpoint_shapes_are_the_shapes_of_the_model_parameters(options):
+    """Loading checks tensor shapes against the config without building the model: the shapes
+    it derives must be exactly the model's parameter shapes, key for key."""
+    from attnres_lens.loading import checkpoint_shapes, key_map
+
+    cfg = al.AttnResConfig(**{"d_model": 32, "d_head": 8, "n_layers": 3, "d_vocab": 50, "n_blocks": 2, **options})
+    params = dict(HookedAttnResTransformer(cfg).named_parameters(remove_duplicate=False))
+    ours = key_map(cfg, with_routers=True)
+    shapes = checkpoint_shapes(cfg, with_routers=True)
+    assert set(shapes) == set(ours)
+    assert {ours[key]: shape for key, shape in shapes.items()} == {
+        name: tuple(p.shape) for name, p in params.items() if name in ours.values()
+    }
+
+
+def test_loading_never_imports_the_model():
+    script = (
+        "import sys, attnres_lens.loading as loading; "
+        "assert 'attnres_lens.model' not in sys.modules, sorted(sys.modules); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_read_checkpoint_gives_config_format_state_and_tokenizer(tmp_path, base):
+    from attnres_lens.loading import read_checkpoint
+
+    write_attnres_checkpoint(tmp_path, base, "cumulative", n_blocks=2, mode="block")
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.format.name == "qwen3_attnres/cumulative"
+    assert (checkpoint.config.flavour, checkpoint.config.n_blocks) == ("cumulative", 2)
+    assert isinstance(checkpoint.tokenizer, al.ByteTokenizer)
+    model = checkpoint.into(HookedAttnResTransformer)
+    assert set(checkpoint.state) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() == checkpoint.state[name].data_ptr()  # given, not copied
