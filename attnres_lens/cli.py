@@ -20,8 +20,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 PROG = "attnres-lens"
 
@@ -51,6 +51,13 @@ _positive_int = _number(int, 1, what="a positive integer")
 _nonneg_int = _number(int, 0, what="an integer >= 0")
 _positive_float = _number(float, 0.0, strict=True, what="a number > 0")
 _float = _number(float, what="a number")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG CMD: error: MESSAGE (see PROG CMD --help)``."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -382,9 +389,10 @@ def _is_vanilla_qwen3(source: str) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "qwen3"
+        data = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
+        return False  # loading says what is wrong with it
+    return isinstance(data, dict) and data.get("model_type") == "qwen3"
 
 
 # ============================================================================ probe
@@ -530,7 +538,7 @@ def _add_demo(sub: Any) -> None:
             "schedule, bias 3, and a Block AttnRes model whose routing was trained), check the "
             "schedule, measure how content-dependent each model's routing is, and compare "
             "routing mass with causal effect per slice and per family x sublayer x depth band on "
-            "held-out text. Takes no arguments; writes ./attnres-report/."
+            "held-out text. Every option has a default: with none it writes ./attnres-report/."
         ),
         formatter_class=_Formatter,
     )
@@ -562,7 +570,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=(
             "Interpretability for Block Attention Residuals (AttnRes) transformers.\n"
@@ -589,13 +597,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version and argument errors
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
-        parser.print_help(sys.stderr)
-        print(f"\n{PROG}: error: give a command", file=sys.stderr)
+        commands = ", ".join(add.__name__.removeprefix("_add_") for add in _SUBCOMMANDS)
+        print(f"{PROG}: error: give a command ({commands}; see {PROG} --help)", file=sys.stderr)
         return 2
     if os.environ.get("ATTNRES_LENS_DEBUG"):
         return int(args.func(args) or 0)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -605,6 +617,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = f"{exc.strerror or 'not found'}: {exc.filename}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``... | head``): stop quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, the status a Unix tool killed by a closed pipe reports
 
 
 if __name__ == "__main__":  # pragma: no cover

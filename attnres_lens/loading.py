@@ -253,9 +253,15 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read JSON file {str(path)!r}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: a Hugging Face "
+            f"{path.name} is one JSON object of named fields (e.g. {{\"model_type\": \"qwen3\", ...}})"
+        )
+    return data
 
 
 def _preview(keys: Any, limit: int = 8) -> str:
@@ -480,7 +486,7 @@ def read_checkpoint(
     """Read ``source`` (see :meth:`HookedAttnResTransformer.from_pretrained`), checking the
     config, keys and shapes before any tensor is read."""
     dtype = _resolve_dtype(dtype)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     source_files = _open_source(source)
     fmt = detect_format(
         source_files.hf, source_files.keys,
@@ -538,6 +544,27 @@ def _read_state(read: Any, expected: dict[str, str], device: torch.device, dtype
         state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
         del tensor
     return state
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: cpu; ``"auto"``: a CUDA GPU when present),
+    refusing, with a clear message, a device this machine does not have."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device={str(device)!r} but {build} (torch {torch.__version__}); use device 'cpu' (--device cpu)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r} but MPS is not available here; use device 'cpu' (--device cpu)")
+    return resolved
 
 
 def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import metrics
+from . import loading, metrics
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .tokenizer import ByteTokenizer
@@ -439,11 +439,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device={device!r} but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
+    """See :func:`attnres_lens.loading.resolve_device`; errors are :class:`TrainingError`."""
+    try:
+        return loading.resolve_device(device)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:

@@ -174,3 +174,62 @@ def test_demo_writes_the_promised_report(tmp_path, capsys):
     for fig in summary["figures"]:
         assert (out / fig).is_file() and fig in report
     assert "summary.json" in report and "verify_schedule" in report
+
+
+# ----------------------------------------------------------------------------- messages (issue K)
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["nonsense"], ["probe"], ["probe", "DIR", "--text", "TEXT", "--mode", "explode"], ["demo", "--n-boot", "x"],
+     ["train", "--steps", "0"], ["inspect", "a", "b"]],
+)
+def test_argument_errors_are_one_line(tiny_dirs, argv, capsys):
+    """docs/cli.md promises one-line errors: argparse's usage block is not printed."""
+    subst = {"DIR": str(tiny_dirs["cumulative"]), "TEXT": str(tiny_dirs["text"])}
+    assert main([subst.get(a, a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnres-lens") and "error:" in lines[0], captured.err
+    assert "--help" in lines[0] and captured.out == ""
+
+
+def test_demo_help_does_not_claim_it_takes_no_arguments(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "no arguments" not in text.lower() and "--prompts" in text
+
+
+def test_config_json_that_is_not_an_object_is_named(tmp_path, capsys):
+    from attnres_lens.loading import CheckpointError
+
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "not an object" in err and "config.json" in err and "attribute" not in err
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object"):
+        HookedAttnResTransformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["probe", "inspect"])
+def test_device_cuda_without_cuda_is_a_clear_error(tiny_dirs, command, tmp_path, capsys):
+    argv = [command, str(tiny_dirs["kimi"]), "--device", "cuda"]
+    if command == "probe":
+        argv += ["--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "device='cuda'" in err and "--device cpu" in err and "Torch not compiled" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="use device 'cpu'"):
+        HookedAttnResTransformer.from_pretrained(tiny_dirs["kimi"], device="cuda")
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tiny_dirs):
+    """``attnres-lens inspect DIR | head -1``: the reader leaves, the command stops quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnres_lens.cli", "inspect", str(tiny_dirs["cumulative"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the command writes anything: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "", err
