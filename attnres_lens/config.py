@@ -8,6 +8,7 @@ fields describe which of the two flavours in ``docs/concepts.md`` the model comp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Optional, Union
 
@@ -37,7 +38,10 @@ class AttnResConfig(TransformerLensConfig):
     - ``routing_mode``: ``"block"`` (sources are blocks of layers) or ``"full"`` (every sublayer
       output is its own source in kimi; a snapshot after every sublayer in cumulative).
     - ``n_blocks`` / ``layers_per_block``: give either. ``layers_per_block`` is
-      ``max(1, ceil(n_layers / n_blocks))`` (``docs/concepts.md``, "Blocks"); the last block may be shorter.
+      ``max(1, ceil(n_layers / n_blocks))`` (``docs/concepts.md``, "Blocks"); the last block may be
+      shorter. ``n_blocks`` holds the count actually built, ``ceil(n_layers / layers_per_block)``:
+      a request that builds fewer blocks (4 layers, 3 blocks -> 2 blocks of 2) is stored as the
+      built count, with a warning.
     - ``router_bias``: whether every router has a scalar recency bias on its last source.
       Defaults to ``True`` for cumulative and ``False`` for kimi (the ``qwen3_attnres`` layouts).
     - ``recency_bias_init``: the bias value a freshly built model starts with.
@@ -127,6 +131,16 @@ class AttnResConfig(TransformerLensConfig):
                     f"(which gives ceil({self.n_layers} / {self.n_blocks}) = {per_block}); give one"
                 )
             self.layers_per_block = per_block
+            built = math.ceil(self.n_layers / per_block)
+            if built != self.n_blocks:  # e.g. 4 layers, 3 blocks asked: blocks of 2 make only 2
+                warnings.warn(
+                    f"n_blocks={self.n_blocks} with n_layers={self.n_layers} builds {built} blocks of "
+                    f"{per_block} layer(s) (layers per block = ceil({self.n_layers} / {self.n_blocks}) = "
+                    f"{per_block}); n_blocks is set to {built}, the count actually built",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                self.n_blocks = built
         else:
             if not isinstance(self.layers_per_block, int) or not (
                 1 <= self.layers_per_block <= self.n_layers

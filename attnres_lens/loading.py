@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
@@ -296,6 +297,7 @@ def config_from_hf(
     if rope_type != "default":
         raise CheckpointError(f"rope type {rope_type!r} is not supported; only 'default' rotary is")
     rotary_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    n_blocks = _normalised_block_count(n_blocks, hf)
     try:
         n_heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
@@ -323,6 +325,21 @@ def config_from_hf(
         )
     except KeyError as err:
         raise CheckpointError(f"the config lacks the Qwen3 field {err.args[0]!r}") from err
+
+
+def _normalised_block_count(n_blocks: int, hf: dict[str, Any]) -> int:
+    """``attnres_num_blocks > num_hidden_layers`` computes exactly what one block per layer
+    computes (layers per block = max(1, ceil(L / N)) = 1): accept it as ``L``, with a note."""
+    n_layers = hf.get("num_hidden_layers")
+    if isinstance(n_layers, int) and n_layers >= 1 and n_blocks > n_layers:
+        warnings.warn(
+            f"the checkpoint asks for {n_blocks} blocks but has {n_layers} layers; more blocks than "
+            f"layers computes one block per layer, so it is loaded with n_blocks={n_layers}",
+            UserWarning,
+            stacklevel=4,
+        )
+        return n_layers
+    return n_blocks
 
 
 @dataclass(frozen=True)

@@ -400,3 +400,44 @@ def test_read_checkpoint_gives_config_format_state_and_tokenizer(tmp_path, base)
     assert set(checkpoint.state) == set(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert tensor.data_ptr() == checkpoint.state[name].data_ptr()  # given, not copied
+
+
+# ---------------------------------------------------------------------------- block counts (issue K 3)
+def test_n_blocks_is_the_count_actually_built_with_a_warning():
+    with pytest.warns(UserWarning, match=r"n_blocks=3 with n_layers=4 builds 2 blocks of 2 layer"):
+        cfg = al.AttnResConfig(d_model=32, d_head=8, n_layers=4, n_blocks=3)
+    assert (cfg.n_blocks, cfg.layers_per_block) == (2, 2)
+    model = HookedAttnResTransformer(cfg)
+    assert len({cfg.block_of_layer(layer) for layer in range(cfg.n_layers)}) == cfg.n_blocks
+    # the final router reads the embedding, block 0 and the partial sum of block 1
+    assert [src.family for src in model.router_specs[-1].sources] == ["embedding", "history", "current"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a count that is built as asked says nothing
+        assert al.AttnResConfig(d_model=32, d_head=8, n_layers=5, n_blocks=3).n_blocks == 3
+
+
+def test_inspect_prints_the_effective_block_count(tmp_path, capsys):
+    from attnres_lens.cli import main
+
+    with pytest.warns(UserWarning, match="builds 2 blocks"):
+        model = HookedAttnResTransformer(al.AttnResConfig(d_model=32, d_head=8, n_layers=4, n_blocks=3))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attnres_num_blocks"] == 2
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "2 blocks of 2 layer(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flavour", ["cumulative", "kimi"])
+def test_more_blocks_than_layers_loads_as_one_block_per_layer(tmp_path, base, flavour):
+    write_attnres_checkpoint(tmp_path / "wild", base, flavour, n_blocks=9)  # base has 5 layers
+    write_attnres_checkpoint(tmp_path / "per_layer", base, flavour, n_blocks=5)
+    with pytest.warns(UserWarning, match="asks for 9 blocks but has 5 layers.*n_blocks=5"):
+        wild = HookedAttnResTransformer.from_pretrained(tmp_path / "wild")
+    same = HookedAttnResTransformer.from_pretrained(tmp_path / "per_layer")
+    assert (wild.cfg.n_blocks, wild.cfg.layers_per_block) == (5, 1)
+    assert torch.equal(wild(TOKENS), same(TOKENS))
+    config, state = load_checkpoint_state(tmp_path / "wild")
+    ref_logits, _ = reference_logits(config, state, TOKENS, flavour, "block")
+    assert (wild(TOKENS) - ref_logits).abs().max().item() < 1e-4
