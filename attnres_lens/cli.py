@@ -90,11 +90,18 @@ def _add_wrap_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--recency-bias", type=_float, metavar="B", help="recency bias b of the 'recency' schedule")
     g.add_argument("--n-blocks", type=_positive_int, metavar="N", help="AttnRes blocks of the wrap (default: min(8, layers))")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a local Hugging Face tokenizer directory (default: the checkpoint's own; the built-in "
+        "byte tokenizer only for byte-sized vocabularies)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="torch device to load the model on")
 
 
 def _load_source(args: argparse.Namespace) -> Any:
+    from .loading import load_tokenizer_dir
     from .model import HookedAttnResTransformer
 
     source = args.source
@@ -118,8 +125,10 @@ def _load_source(args: argparse.Namespace) -> Any:
             "--flavour cumulative wraps a vanilla qwen3 with the recency schedule: give "
             "--recency-bias B (e.g. 3; the larger B, the closer to the vanilla function)"
         )
+    tokenizer = load_tokenizer_dir(args.tokenizer) if args.tokenizer else None
     return HookedAttnResTransformer.from_pretrained(
-        source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device
+        source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device,
+        tokenizer=tokenizer,
     )
 
 
@@ -260,9 +269,9 @@ def describe(model: Any) -> dict[str, Any]:
                 "families": list(spec.families()),
             }
         )
+    from .loading import tokenizer_name
+
     n_router = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
-    tok = model.tokenizer
-    from .tokenizer import ByteTokenizer
 
     return {
         "format": getattr(model, "checkpoint_format", "unknown"),
@@ -286,7 +295,7 @@ def describe(model: Any) -> dict[str, Any]:
         },
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_router_params": n_router,
-        "tokenizer": "byte-level (built in)" if isinstance(tok, ByteTokenizer) else getattr(tok, "name_or_path", type(tok).__name__),
+        "tokenizer": tokenizer_name(model.tokenizer),
         "routers": routers,
         "source_table": json.loads(model.source_table().to_json(orient="records")),
         "torch": torch.__version__,
@@ -504,12 +513,18 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import time
 
     from .bundled import text_windows
+    from .loading import NoTokenizer
     from .protocol import Subject, run_protocol
 
     t0 = time.perf_counter()
     _set_threads(args)
     texts = _read_texts(args.text)
     model = _load_source(args)
+    if isinstance(model.tokenizer, NoTokenizer):
+        raise CLIError(
+            f"{args.source} ships no tokenizer and its vocabulary ({model.cfg.d_vocab:,} tokens) is "
+            "not the built-in byte tokenizer's; pass the model's tokenizer with --tokenizer DIR"
+        )
     tokens = text_windows(model, texts, n_prompts=args.prompts, seq_len=min(args.seq_len, model.cfg.n_ctx))
     description = (
         f"{model.cfg.flavour} AttnRes, "

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AttnResConfig, RoutingSchedule
-from .tokenizer import ByteTokenizer
+from .tokenizer import N_BYTES, ByteTokenizer
 
 if TYPE_CHECKING:  # annotations only: loading never imports the model
     from .model import HookedAttnResTransformer
@@ -523,7 +523,7 @@ def read_checkpoint(
     if cfg.tie_word_embeddings:
         state["unembed.weight"] = state["embed.weight"]
     if tokenizer is None:
-        tokenizer = _find_tokenizer(source_files.directory, cfg)
+        tokenizer = _find_tokenizer(source_files.directory, cfg, source_files.hf)
     return Checkpoint(cfg, fmt, state, tokenizer)
 
 
@@ -688,13 +688,74 @@ def _schedule_router_state(
     return {name: values[name.split("_router.")[-1]]() for name in routers}
 
 
-def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if directory is not None and any((directory / n).exists() for n in names):
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+#: The byte tokenizer is assumed only for vocabularies this small: 256 byte ids, possibly padded
+#: or with a few special ids. A larger vocabulary was made by a real tokenizer, which must be given.
+BYTE_VOCAB_MAX = 512
 
-        return AutoTokenizer.from_pretrained(str(directory))
-    return ByteTokenizer()
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a checkpoint that ships none and whose vocabulary is not
+    byte-sized: token tensors work, and any text is refused with what to pass instead."""
+
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    name_or_path = "none"
+
+    def __init__(self, d_vocab: int):
+        self.d_vocab = d_vocab
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise ValueError(
+            f"this model has no tokenizer: its checkpoint ships none, and its vocabulary of "
+            f"{self.d_vocab:,} tokens is not the built-in byte tokenizer's ({N_BYTES}); pass the "
+            "model's tokenizer with from_pretrained(..., tokenizer=...) (on the command line: "
+            "--tokenizer DIR), or give token ids instead of text"
+        )
+
+    encode = decode = convert_ids_to_tokens = __call__ = _refuse
+
+    def __repr__(self) -> str:
+        return f"NoTokenizer(d_vocab={self.d_vocab})"
+
+
+def byte_tokenizer_fits(d_vocab: int) -> bool:
+    """Whether a model of this vocabulary can have been trained on the byte tokenizer."""
+    return N_BYTES <= d_vocab <= BYTE_VOCAB_MAX
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """How reports name a tokenizer: ``byte-level (built in)``, ``none``, or the HF name."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte-level (built in)"
+    if isinstance(tokenizer, NoTokenizer):
+        return "none (token ids only; pass tokenizer= / --tokenizer DIR for text)"
+    return str(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
+
+
+def load_tokenizer_dir(directory: Union[str, os.PathLike]) -> Any:
+    """A Hugging Face tokenizer from a local directory (never the hub)."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"a tokenizer is a local directory holding a Hugging Face tokenizer, got {str(directory)!r}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; re-raised with context
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {err}") from err
+
+
+def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig, hf: dict[str, Any]) -> Any:
+    """The checkpoint's own tokenizer, else the byte tokenizer where it fits, else
+    :class:`NoTokenizer` (which refuses text with what to pass)."""
+    if directory is not None and any((directory / n).exists() for n in TOKENIZER_FILES):
+        return load_tokenizer_dir(directory)
+    saved = (hf.get(LIBRARY_KEY) or {}).get("tokenizer")
+    if saved == "byte" or (saved is None and byte_tokenizer_fits(cfg.d_vocab)):
+        return ByteTokenizer()
+    return NoTokenizer(cfg.d_vocab)
 
 
 # ------------------------------------------------------------------------- saving
@@ -740,9 +801,15 @@ def hf_config_dict(model: "HookedAttnResTransformer") -> dict[str, Any]:
         "layers_per_block": cfg.layers_per_block,
         "router_bias": cfg.router_bias,
         "schedule": model.schedule.to_dict(),
-        "tokenizer": "byte" if isinstance(model.tokenizer, ByteTokenizer) else "hf",
+        "tokenizer": _saved_tokenizer_kind(model.tokenizer),
     }
     return out
+
+
+def _saved_tokenizer_kind(tokenizer: Any) -> str:
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    return "none" if isinstance(tokenizer, NoTokenizer) else "hf"
 
 
 def save_pretrained(

@@ -55,6 +55,7 @@ MODEL_FIELDS = (
     "n_blocks",
     "n_layers",
     "n_params",
+    "tokenizer",
     "schedule",
     "routing_learned",
     "verify_schedule_max_abs_dev",
@@ -358,6 +359,8 @@ def _measure_subject(
 
 def _model_facts(subject: Subject) -> dict[str, Any]:
     """What a model is, before anything is measured."""
+    from .loading import tokenizer_name
+
     model = subject.model
     return {
         "name": subject.name,
@@ -368,6 +371,7 @@ def _model_facts(subject: Subject) -> dict[str, Any]:
         "n_blocks": model.cfg.n_blocks,
         "n_layers": model.cfg.n_layers,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "tokenizer": tokenizer_name(model.tokenizer),
         "schedule": model.schedule.to_dict(),
         "routing_learned": not model.schedule.is_scheduled,
         "verify_schedule_max_abs_dev": None,
@@ -510,6 +514,7 @@ def _model_section(entry: dict, reports: dict) -> list[str]:
         f"- source: `{entry['source']}`",
         f"- flavour `{entry['flavour']}`, routing mode `{entry['routing_mode']}`, "
         f"{entry['n_blocks']} blocks, {entry['n_layers']} layers, {entry['n_params']:,} parameters",
+        f"- tokenizer: {entry['tokenizer']}",
         f"- loss on these tokens: {entry['loss']:.4f} nats/token",
         f"- routing: {_schedule_text(entry)}",
         f"- content dependence (max over routers): {entry['content_dependence']:.4f}",

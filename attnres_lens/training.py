@@ -142,15 +142,10 @@ def load_tokenizer(tokenizer: Optional[str]) -> Any:
     """The built-in byte tokenizer (``None``) or a Hugging Face tokenizer from a local directory."""
     if tokenizer is None:
         return ByteTokenizer()
-    path = Path(tokenizer).expanduser()
-    if not path.is_dir():
-        raise TrainingError(f"tokenizer must be a local directory holding a Hugging Face tokenizer, got {tokenizer}")
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise TrainingError(f"could not load a tokenizer from {path}: {exc}") from exc
+        return loading.load_tokenizer_dir(tokenizer)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def vocab_size(tokenizer: Any) -> int:

@@ -56,6 +56,7 @@ def test_inspect_prints_format_flavour_schedule_routers_and_sources(tiny_dirs, f
     assert "schedule    none" in out
     assert "blocks.2.mlp_router" in out and "source table:" in out
     assert ("final_router" in out) == (flavour == "kimi")
+    assert "tokenizer   byte-level (built in)" in out
 
 
 def test_inspect_json_and_wrapped_vanilla(tiny_dirs, capsys):
@@ -87,6 +88,8 @@ def test_probe_end_to_end_on_a_tiny_checkpoint(tiny_dirs, tmp_path, capsys):
     assert entry["content_dependence"] > 0
     assert set(entry["groups"]) == {"slice", "family"}
     assert (out / "report.md").read_text().startswith("# Routing probe")
+    assert entry["tokenizer"] == "byte-level (built in)"  # the tokenizer used is named
+    assert "- tokenizer: byte-level (built in)" in (out / "report.md").read_text()
     for fig in summary["figures"]:
         assert (out / fig).stat().st_size > 1000
 
@@ -233,3 +236,31 @@ def test_a_closed_pipe_ends_the_command_quietly(tiny_dirs):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == "", err
+
+
+# ----------------------------------------------------------------------------- tokenizer (issue K 1)
+@pytest.fixture(scope="module")
+def vocab_1000_dir(tmp_path_factory) -> Path:
+    """A Qwen3 with a real-sized vocabulary (1000) and no tokenizer files."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    directory = tmp_path_factory.mktemp("vocab1000")
+    Qwen3ForCausalLM(
+        Qwen3Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_probe_refuses_a_real_vocabulary_without_a_tokenizer(vocab_1000_dir, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["probe", str(vocab_1000_dir), "--flavour", "kimi", "--text", str(tiny_dirs["text"]), "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--tokenizer DIR" in err and "1,000" in err
+    assert not out.exists()
+
+
+def test_inspect_names_a_missing_tokenizer(vocab_1000_dir, capsys):
+    assert main(["inspect", str(vocab_1000_dir), "--flavour", "kimi"]) == 0
+    assert "tokenizer   none (token ids only" in capsys.readouterr().out

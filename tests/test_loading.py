@@ -441,3 +441,26 @@ def test_more_blocks_than_layers_loads_as_one_block_per_layer(tmp_path, base, fl
     config, state = load_checkpoint_state(tmp_path / "wild")
     ref_logits, _ = reference_logits(config, state, TOKENS, flavour, "block")
     assert (wild(TOKENS) - ref_logits).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------- tokenizer (issue K 1)
+def test_a_real_vocabulary_without_tokenizer_files_gets_no_byte_tokenizer(tmp_path):
+    from attnres_lens.loading import NoTokenizer
+
+    hf = tiny_qwen3(seed=2, vocab=1000, n_layers=2)
+    model = HookedAttnResTransformer.from_pretrained(hf, flavour="kimi")
+    assert isinstance(model.tokenizer, NoTokenizer)
+    tokens = torch.randint(0, 1000, (1, 6))
+    assert model(tokens).shape == (1, 6, 1000)  # token ids still work
+    with pytest.raises(ValueError, match=r"vocabulary of 1,000 tokens .*tokenizer=.*--tokenizer DIR"):
+        model.to_tokens("hello")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.to_string(tokens[0])
+    model.save_pretrained(tmp_path)
+    assert isinstance(HookedAttnResTransformer.from_pretrained(tmp_path).tokenizer, NoTokenizer)
+    given = HookedAttnResTransformer.from_pretrained(hf, flavour="kimi", tokenizer=al.ByteTokenizer())
+    assert given.to_tokens("hi").tolist() == [[104, 105]]  # what the caller asked for is used
+
+
+def test_a_byte_sized_vocabulary_keeps_the_byte_tokenizer(base):
+    assert isinstance(HookedAttnResTransformer.from_pretrained(base, flavour="kimi").tokenizer, al.ByteTokenizer)
