@@ -1,67 +1,94 @@
-"""attnres_lens: TransformerLens-style interpretability for Block Attention Residuals models."""
+"""attnres_lens: TransformerLens-style interpretability for Block Attention Residuals models.
 
-from .config import AttnResConfig
-from .model import DepthState, HookedAttnResTransformer
-from .router import DepthRouter, DepthSource, RouterSpec, source_layout
-from .schedule import RoutingSchedule, expected_weights_table, verify_schedule
-from .tokenizer import ByteTokenizer
-from .interventions import (
-    Family,
-    Group,
-    Intervention,
-    Slice,
-    apply_interventions,
-    model_with_interventions,
-    run_with_interventions,
-)
-from .patching import get_act_patch_routing, sweep_sources
-from .attribution import (
-    MassEffectReport,
-    RoutingStatistics,
-    gradient_attribution,
-    mass_vs_effect,
-    plot_token_routing,
-    routing_statistics,
-)
-from . import bundled
-from .protocol import Subject, run_protocol
-from .training import TrainConfig, train
+Every public name is imported on first use (PEP 562), so ``import attnres_lens`` and
+``attnres-lens --help`` do not pay for torch, scipy, matplotlib or pandas until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttnResConfig",
-    "ByteTokenizer",
-    "DepthRouter",
-    "DepthSource",
-    "DepthState",
-    "HookedAttnResTransformer",
-    "RouterSpec",
-    "RoutingSchedule",
-    "expected_weights_table",
-    "verify_schedule",
-    "source_layout",
+# public name -> the submodule that defines it ("bundled" is the submodule itself)
+_WHERE = {
+    "AttnResConfig": "config",
+    "ByteTokenizer": "tokenizer",
+    "DepthRouter": "router",
+    "DepthSource": "router",
+    "DepthState": "model",
+    "HookedAttnResTransformer": "model",
+    "RouterSpec": "router",
+    "RoutingSchedule": "config",
+    "expected_weights_table": "schedule",
+    "verify_schedule": "schedule",
+    "source_layout": "router",
     # interventions and sweeps
-    "Family",
-    "Group",
-    "Intervention",
-    "Slice",
-    "apply_interventions",
-    "get_act_patch_routing",
-    "model_with_interventions",
-    "run_with_interventions",
-    "sweep_sources",
+    "Family": "interventions",
+    "Group": "interventions",
+    "Intervention": "interventions",
+    "Slice": "interventions",
+    "apply_interventions": "interventions",
+    "get_act_patch_routing": "patching",
+    "model_with_interventions": "interventions",
+    "run_with_interventions": "interventions",
+    "sweep_sources": "patching",
     # attribution
-    "MassEffectReport",
-    "RoutingStatistics",
-    "gradient_attribution",
-    "mass_vs_effect",
-    "plot_token_routing",
-    "routing_statistics",
+    "MassEffectReport": "attribution",
+    "RoutingStatistics": "attribution",
+    "gradient_attribution": "attribution",
+    "mass_vs_effect": "attribution",
+    "plot_token_routing": "attribution",
+    "routing_statistics": "attribution",
     # training, bundled models, the protocol (demo / probe)
-    "TrainConfig",
-    "train",
-    "bundled",
-    "Subject",
-    "run_protocol",
-]
+    "TrainConfig": "training",
+    "train": "training",
+    "bundled": "bundled",
+    "Subject": "protocol",
+    "run_protocol": "protocol",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'attnres_lens' has no attribute {name!r}")
+    module = importlib.import_module(f".{_WHERE[name]}", __name__)
+    value = module if name == _WHERE[name] else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import bundled
+    from .attribution import (
+        MassEffectReport,
+        RoutingStatistics,
+        gradient_attribution,
+        mass_vs_effect,
+        plot_token_routing,
+        routing_statistics,
+    )
+    from .config import AttnResConfig, RoutingSchedule
+    from .interventions import (
+        Family,
+        Group,
+        Intervention,
+        Slice,
+        apply_interventions,
+        model_with_interventions,
+        run_with_interventions,
+    )
+    from .model import DepthState, HookedAttnResTransformer
+    from .patching import get_act_patch_routing, sweep_sources
+    from .protocol import Subject, run_protocol
+    from .router import DepthRouter, DepthSource, RouterSpec, source_layout
+    from .schedule import expected_weights_table, verify_schedule
+    from .tokenizer import ByteTokenizer
+    from .training import TrainConfig, train

@@ -95,9 +95,9 @@ def load_baseline_hf() -> Any:
     """The bundled baseline as a plain ``transformers.Qwen3ForCausalLM`` (standard residual)."""
     from transformers import Qwen3ForCausalLM
 
-    from .training import _quiet_hf
+    from .training import quiet_hf
 
-    with _quiet_hf():
+    with quiet_hf():
         return Qwen3ForCausalLM.from_pretrained(str(model_path(BASELINE_MODEL)), local_files_only=True).eval()
 
 

@@ -20,8 +20,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 PROG = "attnres-lens"
 
@@ -31,7 +31,7 @@ class CLIError(Exception):
 
 
 # ============================================================================ helpers
-def _number(convert: Callable[[str], Any], lowest: Optional[float] = None, *, strict: bool = False, what: str):
+def _number(convert: Callable[[str], Any], lowest: Optional[Union[int, float]] = None, *, strict: bool = False, what: str):
     """An argparse ``type=``: ``convert`` the text and, with ``lowest``, require
     ``value >= lowest`` (``> lowest`` when ``strict``); errors name ``what`` was expected."""
 
@@ -51,6 +51,13 @@ _positive_int = _number(int, 1, what="a positive integer")
 _nonneg_int = _number(int, 0, what="an integer >= 0")
 _positive_float = _number(float, 0.0, strict=True, what="a number > 0")
 _float = _number(float, what="a number")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG CMD: error: MESSAGE (see PROG CMD --help)``."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -83,11 +90,18 @@ def _add_wrap_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--recency-bias", type=_float, metavar="B", help="recency bias b of the 'recency' schedule")
     g.add_argument("--n-blocks", type=_positive_int, metavar="N", help="AttnRes blocks of the wrap (default: min(8, layers))")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a local Hugging Face tokenizer directory (default: the checkpoint's own; the built-in "
+        "byte tokenizer only for byte-sized vocabularies)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="torch device to load the model on")
 
 
 def _load_source(args: argparse.Namespace) -> Any:
+    from .loading import load_tokenizer_dir
     from .model import HookedAttnResTransformer
 
     source = args.source
@@ -111,8 +125,10 @@ def _load_source(args: argparse.Namespace) -> Any:
             "--flavour cumulative wraps a vanilla qwen3 with the recency schedule: give "
             "--recency-bias B (e.g. 3; the larger B, the closer to the vanilla function)"
         )
+    tokenizer = load_tokenizer_dir(args.tokenizer) if args.tokenizer else None
     return HookedAttnResTransformer.from_pretrained(
-        source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device
+        source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device,
+        tokenizer=tokenizer,
     )
 
 
@@ -156,7 +172,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def _add_train(sub: Any) -> None:
-    from .training import TrainConfig
+    from .train_config import TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -253,9 +269,9 @@ def describe(model: Any) -> dict[str, Any]:
                 "families": list(spec.families()),
             }
         )
+    from .loading import tokenizer_name
+
     n_router = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
-    tok = model.tokenizer
-    from .tokenizer import ByteTokenizer
 
     return {
         "format": getattr(model, "checkpoint_format", "unknown"),
@@ -279,7 +295,7 @@ def describe(model: Any) -> dict[str, Any]:
         },
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_router_params": n_router,
-        "tokenizer": "byte-level (built in)" if isinstance(tok, ByteTokenizer) else getattr(tok, "name_or_path", type(tok).__name__),
+        "tokenizer": tokenizer_name(model.tokenizer),
         "routers": routers,
         "source_table": json.loads(model.source_table().to_json(orient="records")),
         "torch": torch.__version__,
@@ -382,9 +398,10 @@ def _is_vanilla_qwen3(source: str) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "qwen3"
+        data = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
+        return False  # loading says what is wrong with it
+    return isinstance(data, dict) and data.get("model_type") == "qwen3"
 
 
 # ============================================================================ probe
@@ -496,12 +513,18 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import time
 
     from .bundled import text_windows
+    from .loading import NoTokenizer
     from .protocol import Subject, run_protocol
 
     t0 = time.perf_counter()
     _set_threads(args)
     texts = _read_texts(args.text)
     model = _load_source(args)
+    if isinstance(model.tokenizer, NoTokenizer):
+        raise CLIError(
+            f"{args.source} ships no tokenizer and its vocabulary ({model.cfg.d_vocab:,} tokens) is "
+            "not the built-in byte tokenizer's; pass the model's tokenizer with --tokenizer DIR"
+        )
     tokens = text_windows(model, texts, n_prompts=args.prompts, seq_len=min(args.seq_len, model.cfg.n_ctx))
     description = (
         f"{model.cfg.flavour} AttnRes, "
@@ -530,7 +553,7 @@ def _add_demo(sub: Any) -> None:
             "schedule, bias 3, and a Block AttnRes model whose routing was trained), check the "
             "schedule, measure how content-dependent each model's routing is, and compare "
             "routing mass with causal effect per slice and per family x sublayer x depth band on "
-            "held-out text. Takes no arguments; writes ./attnres-report/."
+            "held-out text. Every option has a default: with none it writes ./attnres-report/."
         ),
         formatter_class=_Formatter,
     )
@@ -562,7 +585,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=(
             "Interpretability for Block Attention Residuals (AttnRes) transformers.\n"
@@ -589,13 +612,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version and argument errors
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
-        parser.print_help(sys.stderr)
-        print(f"\n{PROG}: error: give a command", file=sys.stderr)
+        commands = ", ".join(add.__name__.removeprefix("_add_") for add in _SUBCOMMANDS)
+        print(f"{PROG}: error: give a command ({commands}; see {PROG} --help)", file=sys.stderr)
         return 2
     if os.environ.get("ATTNRES_LENS_DEBUG"):
         return int(args.func(args) or 0)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -605,6 +632,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = f"{exc.strerror or 'not found'}: {exc.filename}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``... | head``): stop quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, the status a Unix tool killed by a closed pipe reports
 
 
 if __name__ == "__main__":  # pragma: no cover

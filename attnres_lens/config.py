@@ -1,14 +1,16 @@
 """`AttnResConfig`: a TransformerLens config for a Qwen3 backbone with Block AttnRes routing.
 
 Field names follow TransformerLens (``d_model``, ``n_layers``, ``n_heads``, ...). The routing
-fields describe which of the two flavours in ``shared/spec/attnres.md`` the model computes.
+fields describe which of the two flavours in ``docs/concepts.md`` the model computes.
+:class:`RoutingSchedule` is the pure value saying how a wrapped model's routing was set.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Literal, Optional
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -36,9 +38,12 @@ class AttnResConfig(TransformerLensConfig):
     - ``routing_mode``: ``"block"`` (sources are blocks of layers) or ``"full"`` (every sublayer
       output is its own source in kimi; a snapshot after every sublayer in cumulative).
     - ``n_blocks`` / ``layers_per_block``: give either. ``layers_per_block`` is
-      ``max(1, ceil(n_layers / n_blocks))`` as in the spec; the last block may be shorter.
+      ``max(1, ceil(n_layers / n_blocks))`` (``docs/concepts.md``, "Blocks"); the last block may be
+      shorter. ``n_blocks`` holds the count actually built, ``ceil(n_layers / layers_per_block)``:
+      a request that builds fewer blocks (4 layers, 3 blocks -> 2 blocks of 2) is stored as the
+      built count, with a warning.
     - ``router_bias``: whether every router has a scalar recency bias on its last source.
-      Defaults to ``True`` for cumulative and ``False`` for kimi (the spec's formats).
+      Defaults to ``True`` for cumulative and ``False`` for kimi (the ``qwen3_attnres`` layouts).
     - ``recency_bias_init``: the bias value a freshly built model starts with.
     - ``tie_word_embeddings``: whether the unembedding shares the embedding matrix.
     """
@@ -126,6 +131,16 @@ class AttnResConfig(TransformerLensConfig):
                     f"(which gives ceil({self.n_layers} / {self.n_blocks}) = {per_block}); give one"
                 )
             self.layers_per_block = per_block
+            built = math.ceil(self.n_layers / per_block)
+            if built != self.n_blocks:  # e.g. 4 layers, 3 blocks asked: blocks of 2 make only 2
+                warnings.warn(
+                    f"n_blocks={self.n_blocks} with n_layers={self.n_layers} builds {built} blocks of "
+                    f"{per_block} layer(s) (layers per block = ceil({self.n_layers} / {self.n_blocks}) = "
+                    f"{per_block}); n_blocks is set to {built}, the count actually built",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                self.n_blocks = built
         else:
             if not isinstance(self.layers_per_block, int) or not (
                 1 <= self.layers_per_block <= self.n_layers
@@ -158,3 +173,52 @@ class AttnResConfig(TransformerLensConfig):
     def from_dict(cls, config_dict: dict[str, Any]) -> "AttnResConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config_dict.items() if k in known})
+
+
+ScheduleKind = Literal["none", "uniform", "recency"]
+SCHEDULE_KINDS = ("none", "uniform", "recency")
+
+
+@dataclass(frozen=True)
+class RoutingSchedule:
+    """How a model's routing was set when it was wrapped.
+
+    ``kind="none"`` means the routing is learned (or was edited): there is no prediction.
+    ``bias`` is the recency bias every router carries under ``kind="recency"``.
+    """
+
+    kind: ScheduleKind = "none"
+    bias: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        if self.kind == "recency" and (self.bias is None or not math.isfinite(self.bias)):
+            raise ValueError(f"a recency schedule needs a finite bias, got {self.bias!r}")
+        if self.kind != "recency" and self.bias is not None:
+            raise ValueError(f"only a recency schedule has a bias; got bias={self.bias!r} for {self.kind!r}")
+
+    @property
+    def is_scheduled(self) -> bool:
+        return self.kind != "none"
+
+    def expected_weights(self, n_sources: int, has_bias: bool) -> list[float]:
+        """The analytic routing weights of a router with ``n_sources`` sources."""
+        if self.kind == "none":
+            raise ValueError("a model with learned routing (schedule 'none') has no analytic weights")
+        if self.kind == "uniform" or not has_bias:
+            return [1.0 / n_sources] * n_sources
+        # Computed as a softmax of the logits [0, ..., 0, b] in float64: this is
+        # e^b / (e^b + n - 1) without overflow for a huge b.
+        logits = torch.zeros(n_sources, dtype=torch.float64)
+        logits[-1] = self.bias
+        return torch.softmax(logits, dim=0).tolist()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Union[dict, None]) -> "RoutingSchedule":
+        if not data:
+            return cls()
+        return cls(kind=data.get("kind", "none"), bias=data.get("bias"))

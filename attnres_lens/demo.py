@@ -46,6 +46,38 @@ def _vanilla_loss(tokens: torch.Tensor) -> float:
     return float(next_token_loss(hf(input_ids=tokens).logits, tokens))
 
 
+def _wrapped_subject(recency_bias: float, tokens: torch.Tensor) -> Subject:
+    """The bundled vanilla Qwen3, wrapped with the recency schedule."""
+    log = _training_log(bundled.BASELINE_MODEL)
+    return Subject(
+        "wrapped",
+        bundled.load_wrapped_baseline(recency_bias=recency_bias),
+        description=f"vanilla Qwen3 wrapped with the recency schedule (b = {recency_bias:g})",
+        source=f"bundled:{bundled.BASELINE_MODEL}",
+        extra={
+            "recency_bias": recency_bias,
+            "vanilla_loss": _vanilla_loss(tokens),
+            "training_eval_loss": log.get("final_eval_loss"),
+            "training_unigram_loss": log.get("unigram_eval_loss"),
+        },
+    )
+
+
+def _trained_subject(trained: Any) -> Subject:
+    """The bundled Block AttnRes model, whose routing was trained."""
+    log = _training_log(bundled.ATTNRES_MODEL)
+    return Subject(
+        "trained",
+        trained,
+        description="Block AttnRes (cumulative) with routing trained from scratch",
+        source=f"bundled:{bundled.ATTNRES_MODEL}",
+        extra={
+            "training_eval_loss": log.get("final_eval_loss"),
+            "training_unigram_loss": log.get("unigram_eval_loss"),
+        },
+    )
+
+
 def run_demo(
     out_dir: Union[str, Path] = "attnres-report",
     *,
@@ -62,35 +94,9 @@ def run_demo(
     recency_bias: float = bundled.DEMO_RECENCY_BIAS,
 ) -> ProtocolResult:
     """Run the demo and write ``report.md``, ``summary.json`` and ``figures/`` into ``out_dir``."""
-    wrapped = bundled.load_wrapped_baseline(recency_bias=recency_bias)
     trained = bundled.load_attnres()
     tokens = bundled.eval_tokens(trained, n_prompts=n_prompts, seq_len=seq_len)
-    base_log = _training_log(bundled.BASELINE_MODEL)
-    attn_log = _training_log(bundled.ATTNRES_MODEL)
-    subjects = [
-        Subject(
-            "wrapped",
-            wrapped,
-            description=f"vanilla Qwen3 wrapped with the recency schedule (b = {recency_bias:g})",
-            source=f"bundled:{bundled.BASELINE_MODEL}",
-            extra={
-                "recency_bias": recency_bias,
-                "vanilla_loss": _vanilla_loss(tokens),
-                "training_eval_loss": base_log.get("final_eval_loss"),
-                "training_unigram_loss": base_log.get("unigram_eval_loss"),
-            },
-        ),
-        Subject(
-            "trained",
-            trained,
-            description="Block AttnRes (cumulative) with routing trained from scratch",
-            source=f"bundled:{bundled.ATTNRES_MODEL}",
-            extra={
-                "training_eval_loss": attn_log.get("final_eval_loss"),
-                "training_unigram_loss": attn_log.get("unigram_eval_loss"),
-            },
-        ),
-    ]
+    subjects = [_wrapped_subject(recency_bias, tokens), _trained_subject(trained)]
     return run_protocol(
         subjects,
         tokens,

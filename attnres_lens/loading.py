@@ -1,20 +1,24 @@
-"""Loading and saving checkpoints (``shared/spec/attnres.md``, "Checkpoint formats").
+"""Reading and writing checkpoints (``docs/concepts.md``, "Checkpoint layout").
 
-Three kinds of weights load into :class:`~attnres_lens.HookedAttnResTransformer`:
+:func:`read_checkpoint` turns a source into a :class:`Checkpoint`: the config, the detected
+format, the state dict (our parameter names) and the tokenizer. It never builds or imports the
+model: :meth:`Checkpoint.into` hands the weights to whichever model class asks (the model's
+``from_pretrained`` passes itself). Three kinds of weights can be read:
 
 1. A vanilla Hugging Face ``qwen3`` checkpoint (a local directory, an in-memory
    ``Qwen3ForCausalLM`` or a hub id), wrapped with a routing schedule that reproduces the
    vanilla function: ``flavour="kimi", schedule="uniform"`` or
    ``flavour="cumulative", schedule="recency", recency_bias=b``.
 2. A ``qwen3_attnres`` checkpoint. Both public codebases use that ``model_type``; the flavour is
-   decided by the router keys, as the spec says: ``*_res_bias`` keys mean cumulative (block or
+   decided by the router keys, as ``docs/concepts.md`` says: ``*_res_bias`` keys mean cumulative (block or
    full mode), ``model.final_res_proj.weight`` means kimi (block mode only).
 3. A checkpoint written by :func:`save_pretrained` (the ``qwen3_attnres`` layout of the
    model's flavour plus an ``attnres_lens`` entry in ``config.json``).
 
 Everything is checked before any tensor is read: the config, the key set against the format
-that was assumed, and every tensor's shape. Weights are read one tensor at a time straight into
-a model built on the ``meta`` device, so the peak memory is the model plus one tensor.
+that was assumed, and every tensor's shape against the shape the config implies. Weights are
+read one tensor at a time and the model is built on the ``meta`` device and given them, so the
+peak memory is the model plus one tensor.
 Pickles are only read through ``torch.load(weights_only=True)``; remote code is never run.
 """
 
@@ -22,17 +26,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .config import AttnResConfig
-from .model import HookedAttnResTransformer
-from .schedule import RoutingSchedule
-from .tokenizer import ByteTokenizer
+from .config import AttnResConfig, RoutingSchedule
+from .tokenizer import N_BYTES, ByteTokenizer
+
+if TYPE_CHECKING:  # annotations only: loading never imports the model
+    from .model import HookedAttnResTransformer
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_attnres")
 SUPPORTED_ATTNRES_MODES = ("block", "full")
@@ -92,6 +99,38 @@ def key_map(cfg: AttnResConfig, *, with_routers: bool) -> dict[str, str]:
         keys["model.final_res_proj.weight"] = "final_router.proj.weight"
         keys["model.final_res_norm.weight"] = "final_router.norm.weight"
     return keys
+
+
+def checkpoint_shapes(cfg: AttnResConfig, *, with_routers: bool) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> the tensor shape ``cfg`` implies (HF Qwen3 layout; routers as in
+    ``qwen3_attnres``: query ``[1, d_model]``, key-norm gain ``[d_model]``, bias ``[]``)."""
+    q_out, kv_out = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
+    layer = {
+        "input_layernorm.weight": (cfg.d_model,),
+        "self_attn.q_proj.weight": (q_out, cfg.d_model),
+        "self_attn.k_proj.weight": (kv_out, cfg.d_model),
+        "self_attn.v_proj.weight": (kv_out, cfg.d_model),
+        "self_attn.o_proj.weight": (cfg.d_model, q_out),
+        "self_attn.q_norm.weight": (cfg.d_head,),
+        "self_attn.k_norm.weight": (cfg.d_head,),
+        "post_attention_layernorm.weight": (cfg.d_model,),
+        "mlp.gate_proj.weight": (cfg.d_mlp, cfg.d_model),
+        "mlp.up_proj.weight": (cfg.d_mlp, cfg.d_model),
+        "mlp.down_proj.weight": (cfg.d_model, cfg.d_mlp),
+    }
+    router = {"res_proj.weight": (1, cfg.d_model), "res_norm.weight": (cfg.d_model,), "res_bias": ()}
+    top = {"model.embed_tokens.weight": (cfg.d_vocab, cfg.d_model), "model.norm.weight": (cfg.d_model,),
+           "lm_head.weight": (cfg.d_vocab, cfg.d_model)}
+    shapes = {}
+    for key in key_map(cfg, with_routers=with_routers):
+        if key in top:
+            shapes[key] = top[key]
+        elif key.startswith("model.final_"):
+            shapes[key] = router[key.removeprefix("model.final_")]
+        else:  # model.layers.{l}.{name}
+            name = key.split(".", 3)[3]
+            shapes[key] = layer.get(name) or router[name.split("_", 1)[1]]
+    return shapes
 
 
 # ------------------------------------------------------------------------- weight files
@@ -215,9 +254,15 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read JSON file {str(path)!r}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: a Hugging Face "
+            f"{path.name} is one JSON object of named fields (e.g. {{\"model_type\": \"qwen3\", ...}})"
+        )
+    return data
 
 
 def _preview(keys: Any, limit: int = 8) -> str:
@@ -241,7 +286,7 @@ def config_from_hf(
 ) -> AttnResConfig:
     """An :class:`AttnResConfig` from a Hugging Face Qwen3 config dict (``config.json``)."""
     if hf.get("attention_bias"):
-        raise CheckpointError("attention_bias=True is not Qwen3 as the spec defines it (no biases)")
+        raise CheckpointError("attention_bias=True is not Qwen3 (Qwen3 has no attention biases)")
     if hf.get("use_sliding_window"):
         raise CheckpointError("sliding-window attention (use_sliding_window=True) is not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -252,6 +297,7 @@ def config_from_hf(
     if rope_type != "default":
         raise CheckpointError(f"rope type {rope_type!r} is not supported; only 'default' rotary is")
     rotary_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    n_blocks = _normalised_block_count(n_blocks, hf)
     try:
         n_heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
@@ -279,6 +325,21 @@ def config_from_hf(
         )
     except KeyError as err:
         raise CheckpointError(f"the config lacks the Qwen3 field {err.args[0]!r}") from err
+
+
+def _normalised_block_count(n_blocks: int, hf: dict[str, Any]) -> int:
+    """``attnres_num_blocks > num_hidden_layers`` computes exactly what one block per layer
+    computes (layers per block = max(1, ceil(L / N)) = 1): accept it as ``L``, with a note."""
+    n_layers = hf.get("num_hidden_layers")
+    if isinstance(n_layers, int) and n_layers >= 1 and n_blocks > n_layers:
+        warnings.warn(
+            f"the checkpoint asks for {n_blocks} blocks but has {n_layers} layers; more blocks than "
+            f"layers computes one block per layer, so it is loaded with n_blocks={n_layers}",
+            UserWarning,
+            stacklevel=4,
+        )
+        return n_layers
+    return n_blocks
 
 
 @dataclass(frozen=True)
@@ -335,28 +396,7 @@ def detect_format(
             "qwen3_attnres checkpoint whose routing is stored in it"
         )
 
-    has_bias = any(k.endswith(("attn_res_bias", "mlp_res_bias")) for k in keys)
-    has_final = "model.final_res_proj.weight" in keys or "model.final_res_norm.weight" in keys
-    has_router = any("_res_proj.weight" in k for k in keys)
-    if has_bias and has_final:
-        raise CheckpointError(
-            "ambiguous qwen3_attnres checkpoint: it has recency-bias keys (*_res_bias, the "
-            "cumulative flavour) and a final router (model.final_res_*, the kimi flavour)"
-        )
-    if has_bias:
-        detected = "cumulative"
-    elif has_final:
-        detected = "kimi"
-    elif has_router:
-        raise CheckpointError(
-            "qwen3_attnres checkpoint with router keys but neither *_res_bias keys (cumulative "
-            "flavour) nor model.final_res_proj.weight (kimi flavour): the flavour cannot be decided"
-        )
-    else:
-        raise CheckpointError(
-            "qwen3_attnres checkpoint without any router keys (model.layers.{l}.attn_res_proj."
-            "weight ...); is it a vanilla qwen3 checkpoint with the wrong model_type?"
-        )
+    detected = flavour_of_keys(keys)
     if flavour is not None and flavour != detected:
         raise ValueError(f"flavour={flavour!r} was asked for, but the checkpoint's keys say {detected!r}")
 
@@ -368,6 +408,32 @@ def detect_format(
         )
     name = LIBRARY_KEY if library else f"qwen3_attnres/{detected}"
     return CheckpointFormat(name, detected, mode, blocks, True, saved_schedule)
+
+
+def flavour_of_keys(keys: set[str]) -> str:
+    """``"cumulative"`` (``*_res_bias`` keys) or ``"kimi"`` (a final router) for the key set of
+    a ``qwen3_attnres`` checkpoint; anything else is refused."""
+    has_bias = any(k.endswith(("attn_res_bias", "mlp_res_bias")) for k in keys)
+    has_final = "model.final_res_proj.weight" in keys or "model.final_res_norm.weight" in keys
+    has_router = any("_res_proj.weight" in k for k in keys)
+    if has_bias and has_final:
+        raise CheckpointError(
+            "ambiguous qwen3_attnres checkpoint: it has recency-bias keys (*_res_bias, the "
+            "cumulative flavour) and a final router (model.final_res_*, the kimi flavour)"
+        )
+    if has_bias:
+        return "cumulative"
+    if has_final:
+        return "kimi"
+    if has_router:
+        raise CheckpointError(
+            "qwen3_attnres checkpoint with router keys but neither *_res_bias keys (cumulative "
+            "flavour) nor model.final_res_proj.weight (kimi flavour): the flavour cannot be decided"
+        )
+    raise CheckpointError(
+        "qwen3_attnres checkpoint without any router keys (model.layers.{l}.attn_res_proj."
+        "weight ...); is it a vanilla qwen3 checkpoint with the wrong model_type?"
+    )
 
 
 def _vanilla_format(
@@ -400,7 +466,30 @@ def _vanilla_format(
 
 
 # ------------------------------------------------------------------------- loading
-def load_pretrained(
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory: everything a model needs, and no model."""
+
+    config: AttnResConfig
+    format: CheckpointFormat
+    #: our parameter name -> tensor (on the requested device and dtype); schedule routers included
+    state: dict[str, Tensor]
+    tokenizer: Any
+
+    def into(self, model_class: type) -> Any:
+        """A ``model_class(config, tokenizer, init_weights=False)`` built on the meta device and
+        given this checkpoint's tensors (no second copy of the weights is made)."""
+        with torch.device("meta"):
+            model = model_class(self.config, tokenizer=self.tokenizer, init_weights=False)
+        model.load_state_dict(self.state, strict=True, assign=True)
+        if self.config.tie_word_embeddings:
+            model.unembed.weight = model.embed.weight
+        model.schedule = self.format.schedule
+        model.checkpoint_format = self.format.name
+        return model
+
+
+def read_checkpoint(
     source: Union[str, os.PathLike, nn.Module],
     *,
     flavour: Optional[str] = None,
@@ -410,59 +499,89 @@ def load_pretrained(
     dtype: Optional[Union[torch.dtype, str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     tokenizer: Any = None,
-) -> HookedAttnResTransformer:
-    """See :meth:`HookedAttnResTransformer.from_pretrained`."""
+) -> Checkpoint:
+    """Read ``source`` (see :meth:`HookedAttnResTransformer.from_pretrained`), checking the
+    config, keys and shapes before any tensor is read."""
     dtype = _resolve_dtype(dtype)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if isinstance(source, nn.Module):
-        hf, keys, read, shapes, directory = _from_module(source)
-    else:
-        directory = _resolve_directory(source)
-        hf = _read_json(directory / "config.json") if (directory / "config.json").exists() else None
-        if hf is None:
-            raise FileNotFoundError(f"no config.json in {str(directory)!r}")
-        if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
-            detect_format(hf, set())  # raises the unsupported-architecture error first
-        files = WeightFiles.find(directory)
-        keys, read, shapes = files.keys(), files.read, files.shapes
-
-    fmt = detect_format(hf, keys, flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks)
-    library = hf.get(LIBRARY_KEY) or {}
+    device = resolve_device(device)
+    source_files = _open_source(source)
+    fmt = detect_format(
+        source_files.hf, source_files.keys,
+        flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks,
+    )
+    library = source_files.hf.get(LIBRARY_KEY) or {}
     cfg = config_from_hf(
-        hf,
-        flavour=fmt.flavour,
-        routing_mode=fmt.routing_mode,
-        n_blocks=fmt.n_blocks,
-        router_bias=library.get("router_bias"),
-        dtype=dtype,
-        device=str(device),
+        source_files.hf, flavour=fmt.flavour, routing_mode=fmt.routing_mode, n_blocks=fmt.n_blocks,
+        router_bias=library.get("router_bias"), dtype=dtype, device=str(device),
     )
     expected = key_map(cfg, with_routers=fmt.with_routers)
-    _check_keys(keys, expected, fmt, cfg)
-    with torch.device("meta"):
-        model = HookedAttnResTransformer(cfg, tokenizer=ByteTokenizer(), init_weights=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    _check_shapes(shapes, expected, params, fmt)
+    _check_keys(source_files.keys, expected, fmt, cfg)
+    _check_shapes(source_files.shapes, checkpoint_shapes(cfg, with_routers=fmt.with_routers), fmt)
+    state = _read_state(source_files.read, expected, device, dtype)
+    if not fmt.with_routers:
+        state.update(_schedule_router_state(cfg, fmt.schedule, device, dtype))
+    if cfg.tie_word_embeddings:
+        state["unembed.weight"] = state["embed.weight"]
+    if tokenizer is None:
+        tokenizer = _find_tokenizer(source_files.directory, cfg, source_files.hf)
+    return Checkpoint(cfg, fmt, state, tokenizer)
 
-    state: dict[str, Tensor] = {}
+
+@dataclass
+class _SourceFiles:
+    """What a source offers before any tensor is read."""
+
+    hf: dict[str, Any]
+    keys: set[str]
+    shapes: dict[str, tuple[int, ...]]
+    read: Any  # callable: list of keys -> iterator of (key, tensor)
+    directory: Optional[Path]
+
+
+def _open_source(source: Union[str, os.PathLike, nn.Module]) -> _SourceFiles:
+    if isinstance(source, nn.Module):
+        return _from_module(source)
+    directory = _resolve_directory(source)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {str(directory)!r}")
+    hf = _read_json(directory / "config.json")
+    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        detect_format(hf, set())  # raises the unsupported-architecture error first
+    files = WeightFiles.find(directory)
+    return _SourceFiles(hf, files.keys(), files.shapes, files.read, directory)
+
+
+def _read_state(read: Any, expected: dict[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
     # Always copy: an in-memory model's tensors are the user's, and safetensors hands out
     # copy-on-write maps of the file, which would tie the model to the file staying unchanged.
     # Each tensor's map is released as soon as its copy is made, so the peak stays at about
     # the model plus one tensor.
+    state: dict[str, Tensor] = {}
     for key, tensor in read(sorted(expected)):
         state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
         del tensor
-    if not fmt.with_routers:
-        _add_schedule_routers(model, state, fmt.schedule, device, dtype)
-    if cfg.tie_word_embeddings:
-        state["unembed.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.unembed.weight = model.embed.weight
-    model.schedule = fmt.schedule
-    model.checkpoint_format = fmt.name
-    model.tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(directory, cfg)
-    return model
+    return state
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: cpu; ``"auto"``: a CUDA GPU when present),
+    refusing, with a clear message, a device this machine does not have."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device={str(device)!r} but {build} (torch {torch.__version__}); use device 'cpu' (--device cpu)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(device)!r} but MPS is not available here; use device 'cpu' (--device cpu)")
+    return resolved
 
 
 def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
@@ -500,7 +619,7 @@ def _resolve_directory(source: Union[str, os.PathLike]) -> Path:
         raise OSError(f"could not fetch {name!r} from the Hugging Face hub: {err}") from err
 
 
-def _from_module(source: nn.Module):
+def _from_module(source: nn.Module) -> "_SourceFiles":
     config = getattr(source, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(
@@ -524,7 +643,7 @@ def _from_module(source: nn.Module):
 
     keys = {k for k in weights if not k.endswith(_IGNORED_KEYS_SUFFIXES)}
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    return hf, keys, read, shapes, None
+    return _SourceFiles(hf, keys, shapes, read, None)
 
 
 def _check_keys(keys: set[str], expected: dict[str, str], fmt: CheckpointFormat, cfg: AttnResConfig) -> None:
@@ -541,12 +660,12 @@ def _check_keys(keys: set[str], expected: dict[str, str], fmt: CheckpointFormat,
 
 
 def _check_shapes(
-    shapes: dict[str, tuple[int, ...]], expected: dict[str, str], params: dict[str, Tensor], fmt: CheckpointFormat
+    shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], fmt: CheckpointFormat
 ) -> None:
     wrong = [
-        f"{key}: {shapes[key]} (config says {tuple(params[ours].shape)})"
-        for key, ours in expected.items()
-        if tuple(shapes[key]) != tuple(params[ours].shape)
+        f"{key}: {tuple(shapes[key])} (config says {shape})"
+        for key, shape in expected.items()
+        if tuple(shapes[key]) != shape
     ]
     if wrong:
         raise CheckpointError(
@@ -555,32 +674,92 @@ def _check_shapes(
         )
 
 
-def _add_schedule_routers(
-    model: HookedAttnResTransformer,
-    state: dict[str, Tensor],
-    schedule: RoutingSchedule,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
+def _schedule_router_state(
+    cfg: AttnResConfig, schedule: RoutingSchedule, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """Router weights of a wrap: zero queries, unit key gains, the schedule's bias."""
-    for spec, router in model.routers():
-        state[f"{spec.name}.proj.weight"] = torch.zeros(1, model.cfg.d_model, device=device, dtype=dtype)
-        state[f"{spec.name}.norm.weight"] = torch.ones(model.cfg.d_model, device=device, dtype=dtype)
-        if router.bias is not None:
-            state[f"{spec.name}.bias"] = torch.tensor(schedule.bias, device=device, dtype=dtype)
+    vanilla = set(key_map(cfg, with_routers=False).values())
+    values = {
+        "proj.weight": lambda: torch.zeros(1, cfg.d_model, device=device, dtype=dtype),
+        "norm.weight": lambda: torch.ones(cfg.d_model, device=device, dtype=dtype),
+        "bias": lambda: torch.tensor(schedule.bias, device=device, dtype=dtype),
+    }
+    routers = [name for name in key_map(cfg, with_routers=True).values() if name not in vanilla]
+    return {name: values[name.split("_router.")[-1]]() for name in routers}
 
 
-def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if directory is not None and any((directory / n).exists() for n in names):
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+#: The byte tokenizer is assumed only for vocabularies this small: 256 byte ids, possibly padded
+#: or with a few special ids. A larger vocabulary was made by a real tokenizer, which must be given.
+BYTE_VOCAB_MAX = 512
 
-        return AutoTokenizer.from_pretrained(str(directory))
-    return ByteTokenizer()
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a checkpoint that ships none and whose vocabulary is not
+    byte-sized: token tensors work, and any text is refused with what to pass instead."""
+
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    name_or_path = "none"
+
+    def __init__(self, d_vocab: int):
+        self.d_vocab = d_vocab
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise ValueError(
+            f"this model has no tokenizer: its checkpoint ships none, and its vocabulary of "
+            f"{self.d_vocab:,} tokens is not the built-in byte tokenizer's ({N_BYTES}); pass the "
+            "model's tokenizer with from_pretrained(..., tokenizer=...) (on the command line: "
+            "--tokenizer DIR), or give token ids instead of text"
+        )
+
+    encode = decode = convert_ids_to_tokens = __call__ = _refuse
+
+    def __repr__(self) -> str:
+        return f"NoTokenizer(d_vocab={self.d_vocab})"
+
+
+def byte_tokenizer_fits(d_vocab: int) -> bool:
+    """Whether a model of this vocabulary can have been trained on the byte tokenizer."""
+    return N_BYTES <= d_vocab <= BYTE_VOCAB_MAX
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """How reports name a tokenizer: ``byte-level (built in)``, ``none``, or the HF name."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte-level (built in)"
+    if isinstance(tokenizer, NoTokenizer):
+        return "none (token ids only; pass tokenizer= / --tokenizer DIR for text)"
+    return str(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
+
+
+def load_tokenizer_dir(directory: Union[str, os.PathLike]) -> Any:
+    """A Hugging Face tokenizer from a local directory (never the hub)."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"a tokenizer is a local directory holding a Hugging Face tokenizer, got {str(directory)!r}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; re-raised with context
+        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {err}") from err
+
+
+def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig, hf: dict[str, Any]) -> Any:
+    """The checkpoint's own tokenizer, else the byte tokenizer where it fits, else
+    :class:`NoTokenizer` (which refuses text with what to pass)."""
+    if directory is not None and any((directory / n).exists() for n in TOKENIZER_FILES):
+        return load_tokenizer_dir(directory)
+    saved = (hf.get(LIBRARY_KEY) or {}).get("tokenizer")
+    if saved == "byte" or (saved is None and byte_tokenizer_fits(cfg.d_vocab)):
+        return ByteTokenizer()
+    return NoTokenizer(cfg.d_vocab)
 
 
 # ------------------------------------------------------------------------- saving
-def hf_config_dict(model: HookedAttnResTransformer) -> dict[str, Any]:
+def hf_config_dict(model: "HookedAttnResTransformer") -> dict[str, Any]:
     """The ``config.json`` of ``model`` in the ``qwen3_attnres`` layout of its flavour."""
     cfg = model.cfg
     if cfg.flavour == "kimi" and cfg.router_bias:
@@ -622,13 +801,19 @@ def hf_config_dict(model: HookedAttnResTransformer) -> dict[str, Any]:
         "layers_per_block": cfg.layers_per_block,
         "router_bias": cfg.router_bias,
         "schedule": model.schedule.to_dict(),
-        "tokenizer": "byte" if isinstance(model.tokenizer, ByteTokenizer) else "hf",
+        "tokenizer": _saved_tokenizer_kind(model.tokenizer),
     }
     return out
 
 
+def _saved_tokenizer_kind(tokenizer: Any) -> str:
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    return "none" if isinstance(tokenizer, NoTokenizer) else "hf"
+
+
 def save_pretrained(
-    model: HookedAttnResTransformer,
+    model: "HookedAttnResTransformer",
     directory: Union[str, os.PathLike],
     *,
     max_shard_size: Union[int, str, None] = None,

@@ -1,6 +1,6 @@
 """`HookedAttnResTransformer`: a hooked Qwen3 whose residual additions are replaced by routing.
 
-The forward reads top to bottom as the spec's loop (``shared/spec/attnres.md``)::
+The forward reads top to bottom as the model's loop (``docs/concepts.md``)::
 
     state = embed(tokens)                   # DepthState: completed sources + current one
     for k in range(2 * n_layers):           # attn_0, mlp_0, attn_1, ...
@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from .compat import ActivationCache, HookedRootModule, HookPoint
 from .components import Attention, GatedMLP, RMSNorm, rotary_cos_sin
-from .config import AttnResConfig
+from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
-from .schedule import RoutingSchedule
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
 from .tokenizer import ByteTokenizer
 
@@ -199,9 +198,9 @@ class HookedAttnResTransformer(HookedRootModule):
 
         ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
         """
-        from .loading import load_pretrained
+        from .loading import read_checkpoint
 
-        return load_pretrained(
+        return read_checkpoint(
             source,
             flavour=flavour,
             schedule=schedule,
@@ -210,7 +209,7 @@ class HookedAttnResTransformer(HookedRootModule):
             dtype=dtype,
             device=device,
             tokenizer=tokenizer,
-        )
+        ).into(cls)
 
     def save_pretrained(self, directory: Any, *, max_shard_size: Union[int, str, None] = None) -> Any:
         """Write ``config.json`` + safetensors in the ``qwen3_attnres`` layout of this model's

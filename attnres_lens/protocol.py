@@ -16,6 +16,7 @@ schedule against an AttnRes model whose routing was trained, under identical int
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -54,6 +55,7 @@ MODEL_FIELDS = (
     "n_blocks",
     "n_layers",
     "n_params",
+    "tokenizer",
     "schedule",
     "routing_learned",
     "verify_schedule_max_abs_dev",
@@ -213,6 +215,23 @@ def _plot_content_dependence(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """How every subject is measured (the ``settings`` of ``summary.json``)."""
+
+    mode: str = "zero"
+    metric: str = "loss"
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    n_boot: int = 200
+    seed: int = 0
+    batch_size: Optional[int] = None
+    bands: Any = None
+
+    def mass_vs_effect_options(self) -> dict[str, Any]:
+        return {"mode": self.mode, "metric": self.metric, "n_boot": self.n_boot, "seed": self.seed,
+                "bands": self.bands, "batch_size": self.batch_size}
+
+
 def run_protocol(
     subjects: Sequence[Subject],
     tokens: Tensor,
@@ -242,124 +261,31 @@ def run_protocol(
     """
     from tqdm.auto import tqdm
 
-    from . import __version__
-    from .attribution import mass_vs_effect
-    from .schedule import verify_schedule
-
-    if not subjects:
-        raise ValueError("run_protocol needs at least one model")
-    names = [s.name for s in subjects]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
-    groups = list(groups)
-    if not groups:
-        raise ValueError("give at least one grouping (e.g. 'slice')")
+    settings = ProtocolSettings(
+        mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands
+    )
+    _check_subjects(subjects, settings)
     t_start = time.perf_counter()
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    n_steps = len(subjects) * (2 + 2 * len(groups)) + 1
+    n_steps = len(subjects) * (2 + 2 * len(settings.groups)) + 1
     bar = tqdm(total=n_steps, disable=not progress, desc="attnres-lens", unit="step", leave=False)
 
     def advance(text: str) -> None:
         bar.set_postfix_str(text, refresh=False)
         bar.update(1)
 
-    summary: dict[str, Any] = {
-        "attnres_lens_version": __version__,
-        "command": command,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {
-            "mode": mode,
-            "metric": metric,
-            "groups": groups,
-            "n_boot": n_boot,
-            "seed": seed,
-            "batch_size": batch_size,
-            "bands": None,
-        },
-        "data": {"n_prompts": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "n_tokens": int(tokens.numel()), **(data or {})},
-        "models": {},
-        "comparison": {},
-        "figures": [],
-        "report": "report.md",
-        "wall_s": None,
-    }
+    summary = _new_summary(settings, tokens, command, data)
     reports: dict[str, dict[str, Any]] = {}
     for subject in subjects:
-        model = subject.model
         bar.set_description(subject.name)
-        entry: dict[str, Any] = {
-            "name": subject.name,
-            "description": subject.description,
-            "source": subject.source,
-            "flavour": model.cfg.flavour,
-            "routing_mode": model.cfg.routing_mode,
-            "n_blocks": model.cfg.n_blocks,
-            "n_layers": model.cfg.n_layers,
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "schedule": model.schedule.to_dict(),
-            "routing_learned": not model.schedule.is_scheduled,
-            "verify_schedule_max_abs_dev": None,
-            "extra": dict(subject.extra),
-        }
-        model_tokens = tokens.to(model.embed.weight.device)
-        entry["loss"] = mean_loss(model, model_tokens, batch_size)
-        advance("loss")
-        if model.schedule.is_scheduled:
-            entry["verify_schedule_max_abs_dev"] = verify_schedule(model, model_tokens)
-        advance("schedule check")
-        reports[subject.name] = {}
-        entry["groups"] = {}
-        for g in groups:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "rough CIs" for few prompts: said in the report
-                report = mass_vs_effect(
-                    model, model_tokens, groups=g, mode=mode, metric=metric, n_boot=n_boot, seed=seed,
-                    bands=bands, batch_size=batch_size,
-                )
-            advance(f"mass vs effect ({g})")
-            reports[subject.name][g] = report
-            figures = {}
-            for kind, plot in (
-                ("mass", report.plot_mass_heatmap),
-                ("effect", report.plot_effect_heatmap),
-                ("scatter", report.plot_scatter),
-            ):
-                path = fig_dir / f"{subject.name}_{g}_{kind}.png"
-                plot(str(path))
-                figures[kind] = f"figures/{path.name}"
-                summary["figures"].append(figures[kind])
-            advance(f"figures ({g})")
-            d = report.to_dict()
-            n_flags = {"mass without causal role": 0, "causal without mass": 0}
-            for row in d.get("flags") or []:
-                n_flags[row["flag"]] = n_flags.get(row["flag"], 0) + 1
-            entry["groups"][g] = {
-                "largest": d["largest"],
-                "rank_correlation": d["rank_correlation"],
-                "n_flags": n_flags,
-                "flags": d["flags"],
-                "table": d["table"],
-                "timings": d["timings"],
-                "figures": figures,
-            }
+        entry, reports[subject.name] = _measure_subject(subject, tokens, settings, fig_dir, advance)
+        summary["models"][subject.name] = jsonable(entry)
+        summary["figures"] += [path for group in entry["groups"].values() for path in group["figures"].values()]
+        for report in reports[subject.name].values():
             if summary["settings"]["bands"] is None:
                 summary["settings"]["bands"] = report.settings.get("bands")
-        routing = next(iter(reports[subject.name].values())).routing
-        eligible = routing.slices.merge(
-            routing.routers[["router", "n_sources"]], on="router"
-        ).query("n_sources > 1")
-        entry["content_dependence"] = float(routing.content_dependence)
-        entry["routing_weight_std"] = {
-            "mean": float(eligible["mass_std"].mean()) if len(eligible) else 0.0,
-            "max": float(eligible["mass_std"].max()) if len(eligible) else 0.0,
-        }
-        entry["routers"] = jsonable(
-            routing.routers[["router", "layer", "sublayer", "n_sources", "content_dependence", "entropy", "max_entropy"]]
-        )
-        entry["routing_families"] = jsonable(routing.family_bands)
-        summary["models"][subject.name] = jsonable(entry)
 
     _plot_content_dependence(summary, fig_dir / "content_dependence.png")
     summary["figures"].append("figures/content_dependence.png")
@@ -370,6 +296,130 @@ def run_protocol(
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
     (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
     return ProtocolResult(summary=summary, reports=reports, out_dir=out)
+
+
+def _check_subjects(subjects: Sequence[Subject], settings: ProtocolSettings) -> None:
+    if not subjects:
+        raise ValueError("run_protocol needs at least one model")
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    if not settings.groups:
+        raise ValueError("give at least one grouping (e.g. 'slice')")
+
+
+def _new_summary(settings: ProtocolSettings, tokens: Tensor, command: str, data: Optional[dict]) -> dict[str, Any]:
+    """``summary.json`` before any model is measured (keys in :data:`SUMMARY_FIELDS`)."""
+    from . import __version__
+
+    return {
+        "attnres_lens_version": __version__,
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**dataclasses.asdict(settings), "groups": list(settings.groups), "bands": None},
+        "data": {"n_prompts": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "n_tokens": int(tokens.numel()), **(data or {})},
+        "models": {},
+        "comparison": {},
+        "figures": [],
+        "report": "report.md",
+        "wall_s": None,
+    }
+
+
+def _measure_subject(
+    subject: Subject, tokens: Tensor, settings: ProtocolSettings, fig_dir: Path, advance: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One model's entry of ``summary.json`` (keys in :data:`MODEL_FIELDS`) and its
+    :class:`MassEffectReport` per grouping; figures are written into ``fig_dir``."""
+    from .attribution import mass_vs_effect
+    from .schedule import verify_schedule
+
+    model = subject.model
+    entry = _model_facts(subject)
+    model_tokens = tokens.to(model.embed.weight.device)
+    entry["loss"] = mean_loss(model, model_tokens, settings.batch_size)
+    advance("loss")
+    if model.schedule.is_scheduled:
+        entry["verify_schedule_max_abs_dev"] = verify_schedule(model, model_tokens)
+    advance("schedule check")
+    reports: dict[str, Any] = {}
+    entry["groups"] = {}
+    for grouping in settings.groups:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "rough CIs" for few prompts: said in the report
+            report = mass_vs_effect(model, model_tokens, groups=grouping, **settings.mass_vs_effect_options())
+        advance(f"mass vs effect ({grouping})")
+        reports[grouping] = report
+        figures = _write_report_figures(report, fig_dir, f"{subject.name}_{grouping}")
+        advance(f"figures ({grouping})")
+        entry["groups"][grouping] = _group_entry(report, figures)
+    entry.update(_routing_entry(next(iter(reports.values())).routing))
+    return entry, reports
+
+
+def _model_facts(subject: Subject) -> dict[str, Any]:
+    """What a model is, before anything is measured."""
+    from .loading import tokenizer_name
+
+    model = subject.model
+    return {
+        "name": subject.name,
+        "description": subject.description,
+        "source": subject.source,
+        "flavour": model.cfg.flavour,
+        "routing_mode": model.cfg.routing_mode,
+        "n_blocks": model.cfg.n_blocks,
+        "n_layers": model.cfg.n_layers,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "tokenizer": tokenizer_name(model.tokenizer),
+        "schedule": model.schedule.to_dict(),
+        "routing_learned": not model.schedule.is_scheduled,
+        "verify_schedule_max_abs_dev": None,
+        "extra": dict(subject.extra),
+    }
+
+
+def _write_report_figures(report: Any, fig_dir: Path, stem: str) -> dict[str, str]:
+    """The mass and effect heatmaps and the scatter of one report; kind -> relative path."""
+    figures = {}
+    plots = {"mass": report.plot_mass_heatmap, "effect": report.plot_effect_heatmap, "scatter": report.plot_scatter}
+    for kind, plot in plots.items():
+        path = fig_dir / f"{stem}_{kind}.png"
+        plot(str(path))
+        figures[kind] = f"figures/{path.name}"
+    return figures
+
+
+def _group_entry(report: Any, figures: dict[str, str]) -> dict[str, Any]:
+    """One grouping's entry (keys in :data:`GROUP_FIELDS`)."""
+    report_dict = report.to_dict()
+    n_flags = {"mass without causal role": 0, "causal without mass": 0}
+    for row in report_dict.get("flags") or []:
+        n_flags[row["flag"]] = n_flags.get(row["flag"], 0) + 1
+    return {
+        "largest": report_dict["largest"],
+        "rank_correlation": report_dict["rank_correlation"],
+        "n_flags": n_flags,
+        "flags": report_dict["flags"],
+        "table": report_dict["table"],
+        "timings": report_dict["timings"],
+        "figures": figures,
+    }
+
+
+def _routing_entry(routing: Any) -> dict[str, Any]:
+    """Content dependence and the spread of the routing weights (routers with > 1 source)."""
+    eligible = routing.slices.merge(routing.routers[["router", "n_sources"]], on="router").query("n_sources > 1")
+    columns = ["router", "layer", "sublayer", "n_sources", "content_dependence", "entropy", "max_entropy"]
+    return {
+        "content_dependence": float(routing.content_dependence),
+        "routing_weight_std": {
+            "mean": float(eligible["mass_std"].mean()) if len(eligible) else 0.0,
+            "max": float(eligible["mass_std"].max()) if len(eligible) else 0.0,
+        },
+        "routers": jsonable(routing.routers[columns]),
+        "routing_families": jsonable(routing.family_bands),
+    }
 
 
 def _comparison(summary: dict) -> dict:
@@ -393,9 +443,45 @@ def _comparison(summary: dict) -> dict:
     }
 
 
+_HOW_TO_READ = [
+    "## How to read this",
+    "",
+    "- **Routing schedule**: a wrapped vanilla model routes by a fixed schedule (zero "
+    "queries; the recency bias b puts e^b / (e^b + n - 1) on the current stream). "
+    "`verify_schedule` is the largest deviation of the routing weights seen at the hooks from "
+    "that analytic prediction: ~1e-7 means the schedule is exactly what runs.",
+    "- **Content dependence** (per router, in [0, 1]): how much the routing weights vary "
+    "across tokens and prompts, normalised by the most they could vary at the same mean. "
+    "Exactly 0 for a schedule; the table shows the largest router's value. The routing "
+    "weight std is the standard deviation of a slice's weight over tokens (mean and max over "
+    "slices of routers with more than one source).",
+    "- **Mass vs effect**: *mass* is the mean routing weight of a slice; *effect* is the "
+    "change of the metric when the slice is ablated. Mass describes where a router reads; "
+    "only the effect is causal. A slice is flagged *mass without causal role* when it has "
+    "appreciable mass but its effect's CI includes 0 or is below the practical threshold, "
+    "and *causal without mass* in the opposite case (thresholds in each section).",
+    "- **Largest mass = largest effect?**: per sublayer kind, whether the slice (group) with "
+    "the most mass is also the one whose ablation matters most.",
+    "",
+]
+_GROUP_HEADINGS = {
+    "slice": "per depth-source slice",
+    "family_band": "per family x sublayer x depth band",
+    "family": "per family",
+}
+
+
 def _report_markdown(summary: dict, reports: dict, *, title: str, intro: str) -> str:
-    s = summary["settings"]
-    d = summary["data"]
+    """``report.md``: header, summary table, how to read it, one section per model, files."""
+    lines = _report_header(summary, title, intro) + _HOW_TO_READ
+    for name, entry in summary["models"].items():
+        lines += _model_section(entry, reports[name])
+    lines += _files_section()
+    return "\n".join(lines)
+
+
+def _report_header(summary: dict, title: str, intro: str) -> list[str]:
+    settings, data = summary["settings"], summary["data"]
     lines = [
         f"# {title}",
         "",
@@ -405,13 +491,13 @@ def _report_markdown(summary: dict, reports: dict, *, title: str, intro: str) ->
     ]
     if intro:
         lines += [intro, ""]
-    lines += [
-        f"Data: {d['n_prompts']} prompts x {d['seq_len']} tokens"
-        + (f" from {d['source']}" if d.get("source") else "")
+    return lines + [
+        f"Data: {data['n_prompts']} prompts x {data['seq_len']} tokens"
+        + (f" from {data['source']}" if data.get("source") else "")
         + ". "
-        f"Intervention: `{s['mode']}` each depth-source slice (or group), metric `{s['metric']}`; "
-        f"effect = metric(ablated) - metric(clean). Bootstrap over prompts: {s['n_boot']} resamples, "
-        f"seed {s['seed']}, 95% CIs. Depth bands: {s['bands']}.",
+        f"Intervention: `{settings['mode']}` each depth-source slice (or group), metric "
+        f"`{settings['metric']}`; effect = metric(ablated) - metric(clean). Bootstrap over prompts: "
+        f"{settings['n_boot']} resamples, seed {settings['seed']}, 95% CIs. Depth bands: {settings['bands']}.",
         "",
         "## Summary",
         "",
@@ -419,53 +505,40 @@ def _report_markdown(summary: dict, reports: dict, *, title: str, intro: str) ->
         "",
         "![content dependence per router](figures/content_dependence.png)",
         "",
-        "## How to read this",
-        "",
-        "- **Routing schedule**: a wrapped vanilla model routes by a fixed schedule (zero "
-        "queries; the recency bias b puts e^b / (e^b + n - 1) on the current stream). "
-        "`verify_schedule` is the largest deviation of the routing weights seen at the hooks from "
-        "that analytic prediction: ~1e-7 means the schedule is exactly what runs.",
-        "- **Content dependence** (per router, in [0, 1]): how much the routing weights vary "
-        "across tokens and prompts, normalised by the most they could vary at the same mean. "
-        "Exactly 0 for a schedule; the table shows the largest router's value. The routing "
-        "weight std is the standard deviation of a slice's weight over tokens (mean and max over "
-        "slices of routers with more than one source).",
-        "- **Mass vs effect**: *mass* is the mean routing weight of a slice; *effect* is the "
-        "change of the metric when the slice is ablated. Mass describes where a router reads; "
-        "only the effect is causal. A slice is flagged *mass without causal role* when it has "
-        "appreciable mass but its effect's CI includes 0 or is below the practical threshold, "
-        "and *causal without mass* in the opposite case (thresholds in each section).",
-        "- **Largest mass = largest effect?**: per sublayer kind, whether the slice (group) with "
-        "the most mass is also the one whose ablation matters most.",
-        "",
     ]
-    for name, entry in summary["models"].items():
-        lines += [f"## {name}: {entry['description'] or entry['source']}", ""]
-        lines += [
-            f"- source: `{entry['source']}`",
-            f"- flavour `{entry['flavour']}`, routing mode `{entry['routing_mode']}`, "
-            f"{entry['n_blocks']} blocks, {entry['n_layers']} layers, {entry['n_params']:,} parameters",
-            f"- loss on these tokens: {entry['loss']:.4f} nats/token",
-            f"- routing: {_schedule_text(entry)}",
-            f"- content dependence (max over routers): {entry['content_dependence']:.4f}",
-        ]
-        for key, value in entry.get("extra", {}).items():
-            lines.append(f"- {key.replace('_', ' ')}: {value if not isinstance(value, float) else f'{value:.4f}'}")
-        lines.append("")
-        for g, report in reports[name].items():
-            figs = entry["groups"][g]["figures"]
-            heading = {"slice": "per depth-source slice", "family_band": "per family x sublayer x depth band", "family": "per family"}.get(g, g)
-            lines += [
-                f"### Mass vs effect, {heading}",
-                "",
-                f"![mass]({figs['mass']}) ![effect]({figs['effect']})",
-                "",
-                f"![mass vs effect]({figs['scatter']})",
-                "",
-                report.to_markdown(),
-                "",
-            ]
+
+
+def _model_section(entry: dict, reports: dict) -> list[str]:
+    lines = [f"## {entry['name']}: {entry['description'] or entry['source']}", ""]
     lines += [
+        f"- source: `{entry['source']}`",
+        f"- flavour `{entry['flavour']}`, routing mode `{entry['routing_mode']}`, "
+        f"{entry['n_blocks']} blocks, {entry['n_layers']} layers, {entry['n_params']:,} parameters",
+        f"- tokenizer: {entry['tokenizer']}",
+        f"- loss on these tokens: {entry['loss']:.4f} nats/token",
+        f"- routing: {_schedule_text(entry)}",
+        f"- content dependence (max over routers): {entry['content_dependence']:.4f}",
+    ]
+    for key, value in entry.get("extra", {}).items():
+        lines.append(f"- {key.replace('_', ' ')}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+    lines.append("")
+    for grouping, report in reports.items():
+        figures = entry["groups"][grouping]["figures"]
+        lines += [
+            f"### Mass vs effect, {_GROUP_HEADINGS.get(grouping, grouping)}",
+            "",
+            f"![mass]({figures['mass']}) ![effect]({figures['effect']})",
+            "",
+            f"![mass vs effect]({figures['scatter']})",
+            "",
+            report.to_markdown(),
+            "",
+        ]
+    return lines
+
+
+def _files_section() -> list[str]:
+    return [
         "## Files",
         "",
         "- `summary.json`: every number above. Top-level keys: "
@@ -478,7 +551,6 @@ def _report_markdown(summary: dict, reports: dict, *, title: str, intro: str) ->
         "- `figures/`: the PNGs embedded above.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def print_summary(result: ProtocolResult, out: Callable[[str], None] = print) -> None:

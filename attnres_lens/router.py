@@ -1,4 +1,4 @@
-"""The depth router: a learned softmax over earlier depth sources (``shared/spec/attnres.md``).
+"""The depth router: a learned softmax over earlier depth sources (``docs/concepts.md``).
 
 Each routed read (the input of every attention and MLP sublayer, and in the kimi flavour the
 input of the final norm) has its own router. Given sources ``V = [v_0, ..., v_{n-1}]``::

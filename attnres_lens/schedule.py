@@ -2,7 +2,7 @@
 
 A *schedule* is routing that does not depend on content: every router query is zero, so each
 router's logits are constant (0 everywhere, plus the recency bias ``b`` on the last source when
-the router has one). The spec gives the resulting weights analytically:
+the router has one). The resulting weights are analytic (``docs/concepts.md``, "Schedules"):
 
 - ``uniform`` (kimi wrap): ``alpha_i = 1 / n`` for a router with ``n`` sources.
 - ``recency`` (cumulative wrap, bias ``b``): ``alpha_current = e^b / (e^b + n - 1)`` and
@@ -15,65 +15,21 @@ at the router hooks from them.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-if TYPE_CHECKING:  # imported for annotations only: the model module imports this one
+# The schedule value lives with the config (the model holds one); it is re-exported here.
+from .config import SCHEDULE_KINDS, RoutingSchedule, ScheduleKind
+
+if TYPE_CHECKING:  # annotations only: this module reads a model, it never builds one
     from .model import HookedAttnResTransformer
 
-ScheduleKind = Literal["none", "uniform", "recency"]
-SCHEDULE_KINDS = ("none", "uniform", "recency")
-
-
-@dataclass(frozen=True)
-class RoutingSchedule:
-    """How a model's routing was set when it was wrapped.
-
-    ``kind="none"`` means the routing is learned (or was edited): there is no prediction.
-    ``bias`` is the recency bias every router carries under ``kind="recency"``.
-    """
-
-    kind: ScheduleKind = "none"
-    bias: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        if self.kind == "recency" and (self.bias is None or not math.isfinite(self.bias)):
-            raise ValueError(f"a recency schedule needs a finite bias, got {self.bias!r}")
-        if self.kind != "recency" and self.bias is not None:
-            raise ValueError(f"only a recency schedule has a bias; got bias={self.bias!r} for {self.kind!r}")
-
-    @property
-    def is_scheduled(self) -> bool:
-        return self.kind != "none"
-
-    def expected_weights(self, n_sources: int, has_bias: bool) -> list[float]:
-        """The analytic routing weights of a router with ``n_sources`` sources."""
-        if self.kind == "none":
-            raise ValueError("a model with learned routing (schedule 'none') has no analytic weights")
-        if self.kind == "uniform" or not has_bias:
-            return [1.0 / n_sources] * n_sources
-        # Computed as a softmax of the logits [0, ..., 0, b] in float64: this is the spec's
-        # e^b / (e^b + n - 1) without overflow for a huge b.
-        logits = torch.zeros(n_sources, dtype=torch.float64)
-        logits[-1] = self.bias
-        return torch.softmax(logits, dim=0).tolist()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Union[dict, None]) -> "RoutingSchedule":
-        if not data:
-            return cls()
-        return cls(kind=data.get("kind", "none"), bias=data.get("bias"))
+__all__ = ["SCHEDULE_KINDS", "RoutingSchedule", "ScheduleKind", "expected_weights_table",
+           "observed_weights", "verify_schedule"]
 
 
 def expected_weights_table(model: "HookedAttnResTransformer") -> pd.DataFrame:

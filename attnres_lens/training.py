@@ -70,156 +70,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import metrics
+from . import loading, metrics
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .tokenizer import ByteTokenizer
 
-ARCHS = ("kimi", "cumulative", "qwen3")
-PRECISIONS = ("auto", "fp32", "bf16")
-TRAINER_STATE = "trainer_state.pt"
-TRAIN_CONFIG = "train_config.json"
-TRAINING_LOG = "training_log.json"
-CHECKPOINTS = "checkpoints"
-PathLike = Union[str, Path]
-
-
-class TrainingError(ValueError):
-    """A training run that cannot start or continue (bad config, data, or checkpoint)."""
-
-
-# ============================================================================ configuration
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run. Saved with every checkpoint.
-
-    Model shape: ``n_layers``, ``d_model``, ``n_heads``, ``n_key_value_heads`` (default
-    ``n_heads``), ``d_head`` (default ``d_model // n_heads``), ``d_mlp`` (default
-    ``3 * d_model``), ``n_blocks`` (AttnRes only; default one block per layer),
-    ``tie_word_embeddings``, ``rotary_base``. The context length is ``seq_len``.
-    """
-
-    # model
-    arch: str = "kimi"
-    routing_mode: str = "block"
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    n_key_value_heads: Optional[int] = None
-    d_head: Optional[int] = None
-    d_mlp: Optional[int] = None
-    n_blocks: Optional[int] = None
-    tie_word_embeddings: bool = False
-    rotary_base: float = 10000.0
-    initializer_range: float = 0.02
-    # data
-    data: list[Union[str, Path]] = field(default_factory=list)
-    eval_data: list[Union[str, Path]] = field(default_factory=list)
-    glob: str = "*"
-    tokenizer: Optional[Union[str, Path]] = None
-    eval_fraction: float = 0.02
-    max_tokens: Optional[int] = None
-    seq_len: int = 256
-    # optimisation
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    # bookkeeping
-    eval_every: int = 100
-    eval_batches: int = 4
-    save_every: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    threads: Optional[int] = None
-    out_dir: Union[str, Path] = "attnres-run"
-
-    def __post_init__(self) -> None:
-        self.data = [str(p) for p in self.data]
-        self.eval_data = [str(p) for p in self.eval_data]
-        self.out_dir = str(self.out_dir)
-        if self.tokenizer is not None:
-            self.tokenizer = str(self.tokenizer)
-        self.validate()
-
-    # which fields may differ when a run is resumed (they do not change the trajectory)
-    RESUMABLE_OVERRIDES = ("out_dir", "device", "precision", "threads", "save_every", "eval_every")
-
-    def validate(self) -> None:
-        def positive(name: str, allow_zero: bool = False) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and (
-                value >= 0 if allow_zero else value >= 1
-            )
-            if not ok:
-                bound = ">= 0" if allow_zero else ">= 1"
-                raise TrainingError(f"{name} must be an int {bound}, got {value!r}")
-
-        if self.arch not in ARCHS:
-            raise TrainingError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.routing_mode not in ("block", "full"):
-            raise TrainingError(f"routing_mode must be 'block' or 'full', got {self.routing_mode!r}")
-        for name in ("n_layers", "d_model", "n_heads", "seq_len", "steps", "batch_size", "eval_batches"):
-            positive(name)
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            positive(name, allow_zero=True)
-        if self.seq_len < 2:
-            raise TrainingError(f"seq_len must be >= 2 (one next-token target), got {self.seq_len}")
-        for name in ("n_key_value_heads", "d_head", "d_mlp", "n_blocks", "max_tokens", "threads"):
-            if getattr(self, name) is not None:
-                positive(name)
-        if self.d_head is None and self.d_model % self.n_heads != 0:
-            raise TrainingError(
-                f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}; give d_head"
-            )
-        kv = self.n_key_value_heads or self.n_heads
-        if self.n_heads % kv != 0:
-            raise TrainingError(f"n_heads={self.n_heads} must be divisible by n_key_value_heads={kv}")
-        if self.n_blocks is not None and not 1 <= self.n_blocks <= self.n_layers:
-            raise TrainingError(f"n_blocks must be in [1, n_layers={self.n_layers}], got {self.n_blocks}")
-        if self.arch == "qwen3" and (self.n_blocks is not None or self.routing_mode != "block"):
-            raise TrainingError("n_blocks / routing_mode apply to AttnRes archs only, not arch='qwen3'")
-        for name in ("lr", "grad_clip"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise TrainingError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise TrainingError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise TrainingError(f"beta1, beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if not 0 < self.eval_fraction < 1:
-            raise TrainingError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.precision not in PRECISIONS:
-            raise TrainingError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
-            raise TrainingError(f"device must be 'cpu', 'auto', 'cuda[:N]' or 'mps', got {self.device!r}")
-
-    # ------------------------------------------------------------------ derived
-    @property
-    def resolved_d_head(self) -> int:
-        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
-
-    @property
-    def resolved_d_mlp(self) -> int:
-        return self.d_mlp if self.d_mlp is not None else 3 * self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingError(f"unknown training options {unknown}; valid: {sorted(known)}")
-        return cls(**d)
+# The run's configuration is a pure value, importable without torch (the CLI reads it).
+from .train_config import (
+    ARCHS,
+    CHECKPOINTS,
+    PRECISIONS,
+    TRAIN_CONFIG,
+    TRAINER_STATE,
+    TRAINING_LOG,
+    PathLike,
+    TrainConfig,
+    TrainingError,
+)
 
 
 # ============================================================================ data
@@ -275,15 +142,10 @@ def load_tokenizer(tokenizer: Optional[str]) -> Any:
     """The built-in byte tokenizer (``None``) or a Hugging Face tokenizer from a local directory."""
     if tokenizer is None:
         return ByteTokenizer()
-    path = Path(tokenizer).expanduser()
-    if not path.is_dir():
-        raise TrainingError(f"tokenizer must be a local directory holding a Hugging Face tokenizer, got {tokenizer}")
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise TrainingError(f"could not load a tokenizer from {path}: {exc}") from exc
+        return loading.load_tokenizer_dir(tokenizer)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def vocab_size(tokenizer: Any) -> int:
@@ -477,7 +339,7 @@ def save_model(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> 
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with _quiet_hf():
+    with quiet_hf():
         model.save_pretrained(directory)
     if (
         not isinstance(model, HookedAttnResTransformer)
@@ -488,7 +350,7 @@ def save_model(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> 
 
 
 @contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
+def quiet_hf() -> Iterator[None]:
     """Hide Hugging Face's own progress bars while it saves or loads one small model."""
     try:
         from transformers.utils import logging as hf_logging
@@ -510,7 +372,7 @@ def load_model(directory: PathLike, arch: str, tokenizer: Any = None) -> nn.Modu
     if arch == "qwen3":
         from transformers import Qwen3ForCausalLM
 
-        with _quiet_hf():
+        with quiet_hf():
             model = Qwen3ForCausalLM.from_pretrained(str(directory), local_files_only=True)
         model.config._attn_implementation = "sdpa"
         return model.float()
@@ -572,11 +434,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device={device!r} but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
+    """See :func:`attnres_lens.loading.resolve_device`; errors are :class:`TrainingError`."""
+    try:
+        return loading.resolve_device(device)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
 
 
 def _autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
@@ -687,6 +549,26 @@ def train(
         torch.set_num_threads(previous)
 
 
+@dataclass
+class _Resumed:
+    """A saved run to continue: the checkpoint directory and its trainer state."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """The mutable parts of a run, advanced step by step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int
+    history: list[dict[str, Union[int, float]]]
+    evals: list[dict[str, Union[int, float]]]
+
+
 def _train(
     cfg: TrainConfig,
     *,
@@ -694,128 +576,195 @@ def _train(
     progress: bool,
     log: Optional[Callable[[str], None]],
 ) -> TrainResult:
-    from tqdm.auto import tqdm
-
     say = log if log is not None else (print if progress else (lambda _msg: None))
-    state: Optional[dict[str, Any]] = None
-    if resume is not None:
-        resume = Path(resume)
-        if not (resume / TRAINER_STATE).is_file():
-            latest = latest_checkpoint(resume)
-            if latest is None:
-                raise TrainingError(f"cannot resume from {resume}: no {TRAINER_STATE} and no checkpoints in it")
-            resume = latest
-        state = torch.load(resume / TRAINER_STATE, map_location="cpu", weights_only=True)
-        saved = TrainConfig.from_dict(state["config"])
-        overrides = {k: getattr(cfg, k) for k in TrainConfig.RESUMABLE_OVERRIDES}
-        cfg = dataclasses.replace(saved, **overrides)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+    resumed = _find_resume(resume)
+    if resumed is not None:
+        cfg = _resumed_config(cfg, resumed)
     device = resolve_device(cfg.device)
     autocast = _autocast_factory(device, cfg.precision)
     tokenizer = load_tokenizer(cfg.tokenizer)
     corpus = load_corpus(cfg, tokenizer)
-    if state is not None and state["data_fingerprint"] != corpus.fingerprint:
-        raise TrainingError(
-            f"cannot resume from {resume}: the training data differs from the data the checkpoint "
-            f"was trained on ({corpus.source}); resuming on other data would not continue the run"
-        )
-    n_vocab = vocab_size(tokenizer)
-    unigram = unigram_loss(corpus.train, corpus.eval, n_vocab)
+    _check_same_data(resumed, corpus)
+    unigram = unigram_loss(corpus.train, corpus.eval, vocab_size(tokenizer))
     windows = eval_windows(corpus.eval, cfg.eval_batches * cfg.batch_size, cfg.seq_len)
 
+    run = _start_run(cfg, tokenizer, resumed, device)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say(_start_message(cfg, n_params, corpus, device, run.start))
+
+    t0 = time.perf_counter()
+    _run_steps(run, cfg, corpus, tokenizer, windows, autocast, device, progress)
+    wall = time.perf_counter() - t0
+
+    if not run.evals or run.evals[-1]["step"] != cfg.steps:
+        run.evals.append({"step": cfg.steps, "eval_loss": evaluate(run.model, windows, cfg.batch_size, autocast)})
+    final_eval = run.evals[-1]["eval_loss"]
+    save_model(run.model, out_dir, tokenizer)
+    (out_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    summary = _training_log(cfg, run, corpus, n_params, final_eval, unigram, wall)
+    (out_dir / TRAINING_LOG).write_text(json.dumps(summary, indent=1) + "\n")
+    say(
+        f"done: eval loss {final_eval:.4f} nats/token (unigram baseline {unigram:.4f}) after "
+        f"{cfg.steps} steps, {wall:.0f}s; saved to {out_dir}"
+    )
+    return TrainResult(
+        model=run.model,
+        config=cfg,
+        out_dir=out_dir,
+        history=run.history,
+        evals=run.evals,
+        final_eval_loss=final_eval,
+        unigram_eval_loss=unigram,
+        n_params=n_params,
+        wall_s=wall,
+    )
+
+
+def _find_resume(resume: Optional[PathLike]) -> Optional[_Resumed]:
+    """The checkpoint to continue (a run directory means its latest checkpoint)."""
+    if resume is None:
+        return None
+    checkpoint = Path(resume)
+    if not (checkpoint / TRAINER_STATE).is_file():
+        latest = latest_checkpoint(checkpoint)
+        if latest is None:
+            raise TrainingError(f"cannot resume from {checkpoint}: no {TRAINER_STATE} and no checkpoints in it")
+        checkpoint = latest
+    state = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+    return _Resumed(checkpoint, state)
+
+
+def _resumed_config(cfg: TrainConfig, resumed: _Resumed) -> TrainConfig:
+    """The saved run's config, with the fields a resume may change taken from ``cfg``."""
+    saved = TrainConfig.from_dict(resumed.state["config"])
+    overrides = {k: getattr(cfg, k) for k in TrainConfig.RESUMABLE_OVERRIDES}
+    cfg = dataclasses.replace(saved, **overrides)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    return cfg
+
+
+def _check_same_data(resumed: Optional[_Resumed], corpus: Corpus) -> None:
+    if resumed is not None and resumed.state["data_fingerprint"] != corpus.fingerprint:
+        raise TrainingError(
+            f"cannot resume from {resumed.checkpoint}: the training data differs from the data the "
+            f"checkpoint was trained on ({corpus.source}); resuming on other data would not "
+            "continue the run"
+        )
+
+
+def _start_run(cfg: TrainConfig, tokenizer: Any, resumed: Optional[_Resumed], device: torch.device) -> _Run:
+    """A fresh model and optimizer, or the saved ones with their RNG states restored."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if state is None:
-        model = build_model(cfg, tokenizer)
-        start = 0
-        history: list[dict[str, Union[int, float]]] = []
-        evals: list[dict[str, Union[int, float]]] = []
+    if resumed is None:
+        model, start, history, evals = build_model(cfg, tokenizer), 0, [], []
     else:
-        model = load_model(resume, cfg.arch, tokenizer)
+        state = resumed.state
+        model = load_model(resumed.checkpoint, cfg.arch, tokenizer)
         start = int(state["step"])
         history = [dict(r) for r in state["history"]]
         evals = [dict(r) for r in state["evals"]]
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], device)
-    n_params = sum(p.numel() for p in model.parameters())
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say(
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        scheduler.load_state_dict(resumed.state["scheduler"])
+        _set_rng_state(resumed.state["rng"], device)
+    return _Run(model, optimizer, scheduler, start, history, evals)
+
+
+def _start_message(cfg: TrainConfig, n_params: int, corpus: Corpus, device: torch.device, start: int) -> str:
+    return (
         f"training {cfg.arch} ({'' if cfg.arch == 'qwen3' else cfg.routing_mode + ', '}"
         f"{n_params:,} parameters) on {corpus.train.numel():,} tokens of {corpus.source} "
         f"({len(corpus.train_files)} files; {len(corpus.eval_files)} held out), device {device}"
         + (f"; resuming at step {start}" if start else "")
     )
 
-    def snapshot(step: int) -> None:
-        ckpt = checkpoint_dir(out_dir, step)
-        save_model(model, ckpt, tokenizer)
-        torch.save(
-            {
-                "step": step,
-                "config": cfg.to_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(device),
-                "history": history,
-                "evals": evals,
-                "data_fingerprint": corpus.fingerprint,
-            },
-            ckpt / TRAINER_STATE,
+
+def _save_checkpoint(run: _Run, cfg: TrainConfig, corpus: Corpus, tokenizer: Any, device: torch.device, step: int) -> None:
+    """The model and everything needed to continue exactly: ``checkpoints/step-NNNNNN``."""
+    checkpoint = checkpoint_dir(cfg.out_dir, step)
+    save_model(run.model, checkpoint, tokenizer)
+    trainer_state = {
+        "step": step,
+        "config": cfg.to_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": _rng_state(device),
+        "history": run.history,
+        "evals": run.evals,
+        "data_fingerprint": corpus.fingerprint,
+    }
+    torch.save(trainer_state, checkpoint / TRAINER_STATE)
+
+
+def _optimizer_step(run: _Run, cfg: TrainConfig, tokens: Tensor, autocast: Callable[[], Any], step: int) -> float:
+    """One forward, backward and update; appends the step's row to ``run.history``."""
+    with autocast():
+        loss = next_token_loss(run.model, tokens)
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"the loss became {float(loss)} at step {step + 1}; lower the learning rate "
+            f"(lr={cfg.lr}) or raise warmup_steps"
         )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    value = loss.item()
+    run.history.append({"step": step + 1, "loss": value, "lr": lr, "grad_norm": float(grad_norm)})
+    return value
 
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {cfg.arch}", unit="step")
-    smooth: Optional[float] = None
-    for step in range(start, cfg.steps):
-        tokens = batch_for_step(corpus.train, step, cfg.batch_size, cfg.seq_len, cfg.seed).to(device)
-        with autocast():
-            loss = next_token_loss(model, tokens)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise TrainingError(
-                f"the loss became {float(loss)} at step {step + 1}; lower the learning rate "
-                f"(lr={cfg.lr}) or raise warmup_steps"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        value = loss.item()
-        history.append({"step": step + 1, "loss": value, "lr": lr, "grad_norm": float(grad_norm)})
-        smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-        done = step + 1
-        postfix = {"loss": f"{smooth:.3f}"}
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            evals.append({"step": done, "eval_loss": evaluate(model, windows, cfg.batch_size, autocast)})
-            model.train()
-        if evals:
-            postfix["eval"] = f"{evals[-1]['eval_loss']:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            model.eval()
-            snapshot(done)
-            model.train()
-    bar.close()
-    model.eval()
-    wall = time.perf_counter() - t0
 
-    if not evals or evals[-1]["step"] != cfg.steps:
-        evals.append({"step": cfg.steps, "eval_loss": evaluate(model, windows, cfg.batch_size, autocast)})
-    final_eval = evals[-1]["eval_loss"]
-    save_model(model, out_dir, tokenizer)
-    (out_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    summary = {
+def _run_steps(
+    run: _Run,
+    cfg: TrainConfig,
+    corpus: Corpus,
+    tokenizer: Any,
+    windows: Tensor,
+    autocast: Callable[[], Any],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Steps ``run.start`` to ``cfg.steps``: evaluating every ``eval_every`` and saving a
+    checkpoint every ``save_every`` steps (and at the last), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    run.model.train()
+    smooth: Optional[float] = None  # exponentially smoothed loss, for the bar
+    with tqdm(total=cfg.steps, initial=run.start, disable=not progress, desc=f"train {cfg.arch}", unit="step") as bar:
+        for step in range(run.start, cfg.steps):
+            tokens = batch_for_step(corpus.train, step, cfg.batch_size, cfg.seq_len, cfg.seed).to(device)
+            value = _optimizer_step(run, cfg, tokens, autocast, step)
+            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+            done = step + 1
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                run.evals.append({"step": done, "eval_loss": evaluate(run.model, windows, cfg.batch_size, autocast)})
+                run.model.train()
+            postfix = {"loss": f"{smooth:.3f}"}
+            if run.evals:
+                postfix["eval"] = f"{run.evals[-1]['eval_loss']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                run.model.eval()
+                _save_checkpoint(run, cfg, corpus, tokenizer, device, done)
+                run.model.train()
+    run.model.eval()
+
+
+def _training_log(
+    cfg: TrainConfig, run: _Run, corpus: Corpus, n_params: int, final_eval: float, unigram: float, wall: float
+) -> dict[str, Any]:
+    """The contents of ``training_log.json``."""
+    return {
         "config": cfg.to_dict(),
         "n_params": n_params,
         "data": {
@@ -830,23 +779,7 @@ def _train(
         "final_eval_loss": final_eval,
         "unigram_eval_loss": unigram,
         "wall_s_this_run": wall,
-        "resumed_from_step": start or None,
-        "evals": evals,
-        "history": history,
+        "resumed_from_step": run.start or None,
+        "evals": run.evals,
+        "history": run.history,
     }
-    (out_dir / TRAINING_LOG).write_text(json.dumps(summary, indent=1) + "\n")
-    say(
-        f"done: eval loss {final_eval:.4f} nats/token (unigram baseline {unigram:.4f}) after "
-        f"{cfg.steps} steps, {wall:.0f}s; saved to {out_dir}"
-    )
-    return TrainResult(
-        model=model,
-        config=cfg,
-        out_dir=out_dir,
-        history=history,
-        evals=evals,
-        final_eval_loss=final_eval,
-        unigram_eval_loss=unigram,
-        n_params=n_params,
-        wall_s=wall,
-    )

@@ -18,7 +18,15 @@ from jaxtyping import install_import_hook
 torch.set_num_threads(1)
 
 with install_import_hook("attnres_lens", "beartype.beartype"):
-    import attnres_lens  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import attnres_lens
+
+    # The package imports its modules lazily, so import every one here, inside the hook: a
+    # module first imported after this block would escape the runtime checks.
+    for _module in pkgutil.walk_packages(attnres_lens.__path__, "attnres_lens."):
+        importlib.import_module(_module.name)
 
 
 # ============================================================================ analysis-layer fixtures

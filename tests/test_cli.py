@@ -56,6 +56,7 @@ def test_inspect_prints_format_flavour_schedule_routers_and_sources(tiny_dirs, f
     assert "schedule    none" in out
     assert "blocks.2.mlp_router" in out and "source table:" in out
     assert ("final_router" in out) == (flavour == "kimi")
+    assert "tokenizer   byte-level (built in)" in out
 
 
 def test_inspect_json_and_wrapped_vanilla(tiny_dirs, capsys):
@@ -87,6 +88,8 @@ def test_probe_end_to_end_on_a_tiny_checkpoint(tiny_dirs, tmp_path, capsys):
     assert entry["content_dependence"] > 0
     assert set(entry["groups"]) == {"slice", "family"}
     assert (out / "report.md").read_text().startswith("# Routing probe")
+    assert entry["tokenizer"] == "byte-level (built in)"  # the tokenizer used is named
+    assert "- tokenizer: byte-level (built in)" in (out / "report.md").read_text()
     for fig in summary["figures"]:
         assert (out / fig).stat().st_size > 1000
 
@@ -174,3 +177,90 @@ def test_demo_writes_the_promised_report(tmp_path, capsys):
     for fig in summary["figures"]:
         assert (out / fig).is_file() and fig in report
     assert "summary.json" in report and "verify_schedule" in report
+
+
+# ----------------------------------------------------------------------------- messages (issue K)
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["nonsense"], ["probe"], ["probe", "DIR", "--text", "TEXT", "--mode", "explode"], ["demo", "--n-boot", "x"],
+     ["train", "--steps", "0"], ["inspect", "a", "b"]],
+)
+def test_argument_errors_are_one_line(tiny_dirs, argv, capsys):
+    """docs/cli.md promises one-line errors: argparse's usage block is not printed."""
+    subst = {"DIR": str(tiny_dirs["cumulative"]), "TEXT": str(tiny_dirs["text"])}
+    assert main([subst.get(a, a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnres-lens") and "error:" in lines[0], captured.err
+    assert "--help" in lines[0] and captured.out == ""
+
+
+def test_demo_help_does_not_claim_it_takes_no_arguments(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "no arguments" not in text.lower() and "--prompts" in text
+
+
+def test_config_json_that_is_not_an_object_is_named(tmp_path, capsys):
+    from attnres_lens.loading import CheckpointError
+
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "not an object" in err and "config.json" in err and "attribute" not in err
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object"):
+        HookedAttnResTransformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["probe", "inspect"])
+def test_device_cuda_without_cuda_is_a_clear_error(tiny_dirs, command, tmp_path, capsys):
+    argv = [command, str(tiny_dirs["kimi"]), "--device", "cuda"]
+    if command == "probe":
+        argv += ["--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "device='cuda'" in err and "--device cpu" in err and "Torch not compiled" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="use device 'cpu'"):
+        HookedAttnResTransformer.from_pretrained(tiny_dirs["kimi"], device="cuda")
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tiny_dirs):
+    """``attnres-lens inspect DIR | head -1``: the reader leaves, the command stops quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnres_lens.cli", "inspect", str(tiny_dirs["cumulative"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the command writes anything: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "", err
+
+
+# ----------------------------------------------------------------------------- tokenizer (issue K 1)
+@pytest.fixture(scope="module")
+def vocab_1000_dir(tmp_path_factory) -> Path:
+    """A Qwen3 with a real-sized vocabulary (1000) and no tokenizer files."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    directory = tmp_path_factory.mktemp("vocab1000")
+    Qwen3ForCausalLM(
+        Qwen3Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_probe_refuses_a_real_vocabulary_without_a_tokenizer(vocab_1000_dir, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["probe", str(vocab_1000_dir), "--flavour", "kimi", "--text", str(tiny_dirs["text"]), "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--tokenizer DIR" in err and "1,000" in err
+    assert not out.exists()
+
+
+def test_inspect_names_a_missing_tokenizer(vocab_1000_dir, capsys):
+    assert main(["inspect", str(vocab_1000_dir), "--flavour", "kimi"]) == 0
+    assert "tokenizer   none (token ids only" in capsys.readouterr().out

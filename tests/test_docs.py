@@ -126,3 +126,27 @@ def test_cli_page_mentions_every_option():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert flag in page, f"docs/cli.md does not mention {name} {flag}"
+
+
+@pytest.mark.parametrize("flavour", ["kimi", "cumulative"])
+def test_checkpoint_layout_table_matches_the_loader(flavour):
+    """docs/concepts.md's key table: every key the loader maps, its shape and its parameter."""
+    from attnres_lens.loading import checkpoint_shapes, key_map
+
+    cfg = AttnResConfig(flavour=flavour, n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48, d_vocab=40)
+    dims = {"d_vocab": 40, "d_model": 32, "d_head": 8, "n_heads": 4, "n_key_value_heads": 2, "d_mlp": 48}
+    table = {}
+    for key, shape, param in _table_rows((DOCS / "concepts.md").read_text(), "| Checkpoint key |"):
+        sizes = []
+        for dim in filter(None, (d.strip() for d in shape.strip("`[]").split(","))):
+            factors = [dims.get(f.strip(), None) or int(f) for f in dim.split("*")]
+            sizes.append(int(torch.tensor(factors).prod()))
+        for layer in range(cfg.n_layers):
+            table[key.strip("`").replace("{l}", str(layer))] = (tuple(sizes), param.strip("`").replace("{l}", str(layer)))
+    mapped = key_map(cfg, with_routers=True)
+    shapes = checkpoint_shapes(cfg, with_routers=True)
+    for key, param in mapped.items():
+        assert table[key] == (shapes[key], param), key
+    other = "cumulative" if flavour == "kimi" else "kimi"
+    other_keys = set(key_map(AttnResConfig(flavour=other, n_layers=2, d_model=32, d_head=8), with_routers=True))
+    assert set(table) == set(mapped) | other_keys  # the table lists both flavours' keys, nothing else

@@ -329,7 +329,7 @@ def test_saving_an_unrepresentable_model_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
+def test_loading_peak_memory_stays_under_1_3x_the_model(tmp_path):
     """~100 MB checkpoint loaded in a fresh process: peak RSS growth stays under 1.3x the model
     (the model plus one bounded window of the file; no whole-file or double copies)."""
     model = tiny_qwen3(seed=0, vocab=4096, d_model=512, n_layers=6, n_heads=8, n_kv=4, head_dim=64, d_mlp=1536)
@@ -338,7 +338,7 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
     # VmHWM is the peak RSS of this process image (ru_maxrss would carry pytest's over exec).
     script = textwrap.dedent(
         f"""
-        import torch, transformers, safetensors, huggingface_hub, attnres_lens.loading
+        import torch, transformers, safetensors, huggingface_hub, attnres_lens.loading, attnres_lens.model
         def status(field):
             line = next(l for l in open('/proc/self/status') if l.startswith(field + ':'))
             return int(line.split()[1]) * 1024
@@ -353,3 +353,114 @@ def test_peak_memory_of_loading_is_about_twice_the_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     grown = int(out.split()[-1])
     assert grown < 1.3 * n_bytes, f"loading grew RSS by {grown / 1e6:.0f} MB for a {n_bytes / 1e6:.0f} MB model: {out}"
+
+
+# ---------------------------------------------------------------------------- module shape
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"flavour": "kimi"},
+        {"flavour": "cumulative", "routing_mode": "full", "tie_word_embeddings": True},
+        {"flavour": "kimi", "n_heads": 6, "d_head": 4, "n_key_value_heads": 2, "d_mlp": 40},
+    ],
+)
+def test_checkpoint_shapes_are_the_shapes_of_the_model_parameters(options):
+    """Loading checks tensor shapes against the config without building the model: the shapes
+    it derives must be exactly the model's parameter shapes, key for key."""
+    from attnres_lens.loading import checkpoint_shapes, key_map
+
+    cfg = al.AttnResConfig(**{"d_model": 32, "d_head": 8, "n_layers": 3, "d_vocab": 50, "n_blocks": 2, **options})
+    params = dict(HookedAttnResTransformer(cfg).named_parameters(remove_duplicate=False))
+    ours = key_map(cfg, with_routers=True)
+    shapes = checkpoint_shapes(cfg, with_routers=True)
+    assert set(shapes) == set(ours)
+    assert {ours[key]: shape for key, shape in shapes.items()} == {
+        name: tuple(p.shape) for name, p in params.items() if name in ours.values()
+    }
+
+
+def test_loading_never_imports_the_model():
+    script = (
+        "import sys, attnres_lens.loading as loading; "
+        "assert 'attnres_lens.model' not in sys.modules, sorted(sys.modules); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_read_checkpoint_gives_config_format_state_and_tokenizer(tmp_path, base):
+    from attnres_lens.loading import read_checkpoint
+
+    write_attnres_checkpoint(tmp_path, base, "cumulative", n_blocks=2, mode="block")
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint.format.name == "qwen3_attnres/cumulative"
+    assert (checkpoint.config.flavour, checkpoint.config.n_blocks) == ("cumulative", 2)
+    assert isinstance(checkpoint.tokenizer, al.ByteTokenizer)
+    model = checkpoint.into(HookedAttnResTransformer)
+    assert set(checkpoint.state) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() == checkpoint.state[name].data_ptr()  # given, not copied
+
+
+# ---------------------------------------------------------------------------- block counts (issue K 3)
+def test_n_blocks_is_the_count_actually_built_with_a_warning():
+    with pytest.warns(UserWarning, match=r"n_blocks=3 with n_layers=4 builds 2 blocks of 2 layer"):
+        cfg = al.AttnResConfig(d_model=32, d_head=8, n_layers=4, n_blocks=3)
+    assert (cfg.n_blocks, cfg.layers_per_block) == (2, 2)
+    model = HookedAttnResTransformer(cfg)
+    assert len({cfg.block_of_layer(layer) for layer in range(cfg.n_layers)}) == cfg.n_blocks
+    # the final router reads the embedding, block 0 and the partial sum of block 1
+    assert [src.family for src in model.router_specs[-1].sources] == ["embedding", "history", "current"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a count that is built as asked says nothing
+        assert al.AttnResConfig(d_model=32, d_head=8, n_layers=5, n_blocks=3).n_blocks == 3
+
+
+def test_inspect_prints_the_effective_block_count(tmp_path, capsys):
+    from attnres_lens.cli import main
+
+    with pytest.warns(UserWarning, match="builds 2 blocks"):
+        model = HookedAttnResTransformer(al.AttnResConfig(d_model=32, d_head=8, n_layers=4, n_blocks=3))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attnres_num_blocks"] == 2
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "2 blocks of 2 layer(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flavour", ["cumulative", "kimi"])
+def test_more_blocks_than_layers_loads_as_one_block_per_layer(tmp_path, base, flavour):
+    write_attnres_checkpoint(tmp_path / "wild", base, flavour, n_blocks=9)  # base has 5 layers
+    write_attnres_checkpoint(tmp_path / "per_layer", base, flavour, n_blocks=5)
+    with pytest.warns(UserWarning, match="asks for 9 blocks but has 5 layers.*n_blocks=5"):
+        wild = HookedAttnResTransformer.from_pretrained(tmp_path / "wild")
+    same = HookedAttnResTransformer.from_pretrained(tmp_path / "per_layer")
+    assert (wild.cfg.n_blocks, wild.cfg.layers_per_block) == (5, 1)
+    assert torch.equal(wild(TOKENS), same(TOKENS))
+    config, state = load_checkpoint_state(tmp_path / "wild")
+    ref_logits, _ = reference_logits(config, state, TOKENS, flavour, "block")
+    assert (wild(TOKENS) - ref_logits).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------- tokenizer (issue K 1)
+def test_a_real_vocabulary_without_tokenizer_files_gets_no_byte_tokenizer(tmp_path):
+    from attnres_lens.loading import NoTokenizer
+
+    hf = tiny_qwen3(seed=2, vocab=1000, n_layers=2)
+    model = HookedAttnResTransformer.from_pretrained(hf, flavour="kimi")
+    assert isinstance(model.tokenizer, NoTokenizer)
+    tokens = torch.randint(0, 1000, (1, 6))
+    assert model(tokens).shape == (1, 6, 1000)  # token ids still work
+    with pytest.raises(ValueError, match=r"vocabulary of 1,000 tokens .*tokenizer=.*--tokenizer DIR"):
+        model.to_tokens("hello")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.to_string(tokens[0])
+    model.save_pretrained(tmp_path)
+    assert isinstance(HookedAttnResTransformer.from_pretrained(tmp_path).tokenizer, NoTokenizer)
+    given = HookedAttnResTransformer.from_pretrained(hf, flavour="kimi", tokenizer=al.ByteTokenizer())
+    assert given.to_tokens("hi").tolist() == [[104, 105]]  # what the caller asked for is used
+
+
+def test_a_byte_sized_vocabulary_keeps_the_byte_tokenizer(base):
+    assert isinstance(HookedAttnResTransformer.from_pretrained(base, flavour="kimi").tokenizer, al.ByteTokenizer)
