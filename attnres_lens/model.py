@@ -118,7 +118,12 @@ class AttnResBlock(nn.Module):
         x = state.current
         if is_attn:
             x = self.hook_resid_pre(x)
-            state = DepthState(state.completed, x)
+            # A snapshot taken just before (block start; the embedding at layer 0) is the same
+            # tensor as x: a hook that replaced x replaces it there too, so patching
+            # resid_pre[l] means what patching resid_post[l-1] means.
+            aliased = state.current
+            completed = tuple(x if source is aliased else source for source in state.completed)
+            state = DepthState(completed, x)
         x = x + self._sublayer(is_attn, state.sources(), seq)
         x = self.hook_resid_mid(x) if is_attn else self.hook_resid_post(x)
         completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
