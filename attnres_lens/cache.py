@@ -70,6 +70,21 @@ class AttnResActivationCache(ActivationCache):
     """The cache :meth:`~attnres_lens.HookedAttnResTransformer.run_with_cache` returns (see the
     module docstring for which methods are routing-aware)."""
 
+    def __getitem__(self, key: Any) -> Tensor:
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            name = key if isinstance(key, str) else repr(key)
+            if self._is_routed() and "resid" in name:
+                raise KeyError(
+                    f"{name}: a kimi (Block AttnRes) model has no single residual stream, so no "
+                    "hook_resid_*. Patch the whole depth state with "
+                    "attnres_lens.depth_patching.get_act_patch_depth_state, decompose a read with "
+                    "cache.decompose_router(name) / cache.decompose_resid(), or read "
+                    "'{router}.hook_sources'"
+                ) from None
+            raise
+
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:
         return self.model.cfg.flavour == "kimi"

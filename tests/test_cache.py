@@ -181,3 +181,13 @@ def test_depth_state_patching(flavour):
         assert torch.allclose(result[0], pre[0].float(), atol=1e-5)
     with pytest.raises(ValueError, match="same \\[batch, pos\\]"):
         get_act_patch_depth_state(model, corrupt[:, :5], clean_cache, metric)
+
+
+def test_tl_resid_patching_on_kimi_names_the_routing_aware_calls():
+    model = routed("kimi")
+    clean, corrupt = TOKENS[:1], TOKENS[1:]
+    _, clean_cache = model.run_with_cache(clean)
+    with pytest.raises(KeyError, match="get_act_patch_depth_state"):
+        patching.get_act_patch_resid_pre(model, corrupt, clean_cache, lambda logits: logits.sum())
+    with pytest.raises(KeyError, match="get_act_patch_depth_state"):
+        clean_cache["resid_post", 1]
