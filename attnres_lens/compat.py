@@ -12,11 +12,11 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import version as _dist_version
 
-from transformer_lens import ActivationCache, patching
+from transformer_lens import ActivationCache, FactoredMatrix, patching
 from transformer_lens.config import TransformerLensConfig
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities import Slice, get_act_name
 
 TL_VERSION: str = _dist_version("transformer_lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
@@ -30,9 +30,11 @@ PATCHING_HAS_REDUCE: bool = (
 
 __all__ = [
     "ActivationCache",
+    "FactoredMatrix",
     "HookPoint",
     "HookedRootModule",
     "PATCHING_HAS_REDUCE",
+    "Slice",
     "TL_MAJOR",
     "TL_VERSION",
     "TransformerLensConfig",

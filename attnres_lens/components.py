@@ -9,6 +9,9 @@ one-to-one, and the arithmetic mirrors it op for op so logits match ``Qwen3ForCa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -20,12 +23,17 @@ from .config import AttnResConfig
 
 class RMSNorm(nn.Module):
     """RMSNorm as in Qwen3 (computed in fp32), with TransformerLens' ``hook_scale`` (the RMS,
-    ``[..., 1]``) and ``hook_normalized`` (``x / scale``, before the gain)."""
+    ``[..., 1]``) and ``hook_normalized`` (``x / scale``, before the gain).
+
+    ``hook_scale`` is only computed when a TransformerLens hook is attached to it, or when
+    ``materialize_scale`` is set (``model.set_materialize_norm_scales(True)``) for tools that
+    use plain torch hooks; otherwise the norm runs Hugging Face's exact ``rsqrt`` arithmetic."""
 
     def __init__(self, length: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(length))
+        self.materialize_scale = False
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
@@ -33,7 +41,7 @@ class RMSNorm(nn.Module):
         in_dtype = x.dtype
         x = x.float()
         mean_square = x.pow(2).mean(-1, keepdim=True) + self.eps
-        if self.hook_scale.fwd_hooks or self.hook_scale.bwd_hooks:
+        if self.materialize_scale or self.hook_scale.fwd_hooks or self.hook_scale.bwd_hooks:
             x = x / self.hook_scale(mean_square.sqrt())
         else:
             # Hugging Face's exact arithmetic (multiply by rsqrt), for bit-level logit parity.
@@ -62,12 +70,49 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def apply_rotary(
     x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos d_head"],
-    sin: Float[Tensor, "pos d_head"],
+    cos: Float[Tensor, "*batch pos d_head"],
+    sin: Float[Tensor, "*batch pos d_head"],
 ) -> Float[Tensor, "batch pos head d_head"]:
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """Rotate ``x``; the tables are ``[pos, d_head]`` (shared positions) or ``[batch, pos,
+    d_head]`` (per-row positions, e.g. left padding)."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     return (x * cos) + (_rotate_half(x) * sin)
+
+
+@dataclass
+class KVCacheEntry:
+    """One attention layer's past keys and values (after QK-norm and rotary), for generation.
+
+    ``keys``/``values`` are ``[batch, kv_head, past_pos, d_head]``; :meth:`extend` appends the
+    new positions and returns the full tensors."""
+
+    keys: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], dim=2)
+            values = torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    @property
+    def n_pos(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+
+@dataclass(frozen=True)
+class SequenceContext:
+    """What attention needs besides its input: rotary tables for the positions being run,
+    an optional explicit mask (``[batch, 1, query_pos, key_pos]``, ``True`` = may attend; set
+    for left padding and for cached generation, ``None`` for the fused causal kernel) and an
+    optional KV cache (one entry per layer)."""
+
+    cos: Tensor
+    sin: Tensor
+    attn_mask: Optional[Tensor] = None
+    kv_cache: Optional[list[KVCacheEntry]] = None
 
 
 class Attention(nn.Module):
@@ -94,18 +139,24 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos], masked
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        #: Build the explicit pattern even without a TL hook (``model.set_materialize_patterns``).
+        self.materialize_pattern = False
 
     def _pattern_is_observed(self) -> bool:
-        return any(
+        return self.materialize_pattern or any(
             hp.fwd_hooks or hp.bwd_hooks for hp in (self.hook_attn_scores, self.hook_pattern)
         )
 
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        cos: Float[Tensor, "pos d_head"],
-        sin: Float[Tensor, "pos d_head"],
+        cos: Float[Tensor, "*batch pos d_head"],
+        sin: Float[Tensor, "*batch pos d_head"],
+        attn_mask: Optional[Tensor] = None,
+        kv_cache: Optional[KVCacheEntry] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``attn_mask`` (``[batch, 1, query_pos, key_pos]`` bool, ``True`` = may attend) replaces
+        the causal mask when given; ``kv_cache`` supplies and stores the past keys/values."""
         batch, n_pos, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(batch, n_pos, self.n_heads, self.d_head))
         k = self.hook_k(self.k_proj(x).view(batch, n_pos, self.n_kv, self.d_head))
@@ -113,23 +164,103 @@ class Attention(nn.Module):
         q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos, sin)).transpose(1, 2)
         k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin)).transpose(1, 2)
         v = v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        if attn_mask is None and k.shape[2] != n_pos:
+            raise ValueError(
+                f"{n_pos} queries over {k.shape[2]} cached keys need an explicit attn_mask "
+                "(the fused causal kernel aligns queries with the first keys)"
+            )
         if self._pattern_is_observed():
-            # The explicit pattern is only built when someone hooks it: the fused kernel below
-            # never materialises it, which keeps an unhooked forward as fast as Hugging Face's.
-            groups = self.n_heads // self.n_kv
-            k_all = k.repeat_interleave(groups, dim=1)
-            v_all = v.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(q, k_all.transpose(-1, -2)) * self.scaling
-            causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).triu(1)
-            scores = self.hook_attn_scores(scores.masked_fill(causal, float("-inf")))
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
-            z = torch.matmul(pattern, v_all)
+            z = self._explicit_attention(q, k, v, attn_mask)
         else:
+            # The fused kernel never materialises the pattern, which keeps an unhooked forward
+            # as fast as Hugging Face's.
             z = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.scaling,
+                enable_gqa=self.n_kv != self.n_heads,
             )
         z = self.hook_z(z.transpose(1, 2))
         return self.o_proj(z.reshape(batch, n_pos, self.n_heads * self.d_head))
+
+    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        """Attention with the scores and pattern materialised (and hooked)."""
+        k_all = k.repeat_interleave(self.repeat_kv_heads, dim=1)
+        v_all = v.repeat_interleave(self.repeat_kv_heads, dim=1)
+        scores = torch.matmul(q, k_all.transpose(-1, -2)) * self.scaling
+        if attn_mask is None:
+            n_q, n_k = scores.shape[-2:]
+            blocked = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            blocked = ~attn_mask
+        scores = self.hook_attn_scores(scores.masked_fill(blocked, float("-inf")))
+        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        return torch.matmul(pattern, v_all)
+
+    # ------------------------------------------------------------------ TL weight views
+    # Views on the checkpoint-named parameters (no copies: an edit to ``q_proj.weight`` shows up
+    # here and an in-place edit here changes ``q_proj.weight``). Grouped-query attention follows
+    # TransformerLens 3.9's ``GroupedQueryAttention``: ``_W_K``/``_W_V`` hold the key/value
+    # heads and ``W_K``/``W_V`` repeat them to ``n_heads`` with ``repeat_interleave`` (that
+    # repetition is a copy, as in TL). QK-norm and rotary act between ``W_Q``/``W_K`` and the
+    # scores, so ``W_Q @ W_K^T`` is the bilinear form *before* the per-head norm, as TL's
+    # ``QK`` is for its QK-normed models.
+    @property
+    def repeat_kv_heads(self) -> int:
+        return self.n_heads // self.n_kv
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self.q_proj.weight.unflatten(0, (self.n_heads, self.d_head)).transpose(1, 2)
+
+    @property
+    def _W_K(self) -> Float[Tensor, "n_kv_heads d_model d_head"]:
+        return self.k_proj.weight.unflatten(0, (self.n_kv, self.d_head)).transpose(1, 2)
+
+    @property
+    def _W_V(self) -> Float[Tensor, "n_kv_heads d_model d_head"]:
+        return self.v_proj.weight.unflatten(0, (self.n_kv, self.d_head)).transpose(1, 2)
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return torch.repeat_interleave(self._W_K, dim=0, repeats=self.repeat_kv_heads)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return torch.repeat_interleave(self._W_V, dim=0, repeats=self.repeat_kv_heads)
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
+        return self.o_proj.weight.T.unflatten(0, (self.n_heads, self.d_head))
+
+    def _zeros(self, *shape: int) -> Tensor:
+        weight = self.q_proj.weight
+        return torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_heads d_head"]:
+        """Zero: Qwen3 attention has no biases (so are ``b_K``, ``b_V``, ``b_O``)."""
+        return self._zeros(self.n_heads, self.d_head)
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._zeros(self.n_heads, self.d_head)
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._zeros(self.n_heads, self.d_head)
+
+    @property
+    def _b_K(self) -> Float[Tensor, "n_kv_heads d_head"]:
+        return self._zeros(self.n_kv, self.d_head)
+
+    @property
+    def _b_V(self) -> Float[Tensor, "n_kv_heads d_head"]:
+        return self._zeros(self.n_kv, self.d_head)
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        return self._zeros(self.o_proj.weight.shape[0])
 
 
 class GatedMLP(nn.Module):
@@ -151,3 +282,29 @@ class GatedMLP(nn.Module):
         pre_linear = self.hook_pre_linear(self.up_proj(x))
         post = self.hook_post(F.silu(pre) * pre_linear)
         return self.down_proj(post)
+
+    # ------------------------------------------------------------------ TL weight views
+    # Views (no copies) in TransformerLens' ``GatedMLP`` convention:
+    # ``post = silu(x @ W_gate) * (x @ W_in)``, ``out = post @ W_out``.
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.up_proj.weight.T
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.gate_proj.weight.T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.down_proj.weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
+        """Zero: the Qwen3 MLP has no biases (so is ``b_out``)."""
+        weight = self.up_proj.weight
+        return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    @property
+    def b_out(self) -> Float[Tensor, " d_model"]:
+        weight = self.down_proj.weight
+        return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)

@@ -13,6 +13,7 @@ the model rerun from it (the sweep engine does this to reuse the clean prefix).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional, Union
 
@@ -21,15 +22,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from .compat import ActivationCache, HookedRootModule, HookPoint
-from .components import Attention, GatedMLP, RMSNorm, rotary_cos_sin
+from .cache import AttnResActivationCache
+from .compat import HookedRootModule, HookPoint
+from .components import Attention, GatedMLP, KVCacheEntry, RMSNorm, SequenceContext, rotary_cos_sin
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
+from .sequence import is_right_padded, leading_pad_mask, padded_causal_mask, positions_from_mask
 from .tokenizer import ByteTokenizer
+from .weights import TLWeights
 
 TokensLike = Union[str, list[str], Tensor]
 RETURN_TYPES = ("logits", "loss", "both", None)
+#: The two sublayers of a block, in forward order (``k % 2`` indexes them).
+SUBLAYER_NAMES: tuple[str, str] = ("attn", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,11 @@ class DepthState:
 class AttnResBlock(nn.Module):
     """One layer: an attention sublayer and an MLP sublayer, each reading through its router.
 
+    The block runs as a module: ``block(state, seq)`` takes the :class:`DepthState` before its
+    attention router and returns the state after its MLP (``sublayers=("attn",)`` or
+    ``("mlp",)`` runs one of them, which is how the model resumes from any sublayer), so torch
+    forward hooks and nnsight's ``blocks[l].output`` see a :class:`DepthState`.
+
     Hooks: ``hook_attn_in``/``hook_mlp_in`` (the routed input, before ``ln1``/``ln2``) and
     ``hook_attn_out``/``hook_mlp_out`` (the sublayer outputs). Cumulative models also have
     ``hook_resid_pre``/``hook_resid_mid``/``hook_resid_post``: the cumulative stream ``x``, which
@@ -58,8 +69,13 @@ class AttnResBlock(nn.Module):
     models have no such stream, so they expose no ``hook_resid_*``.
     """
 
+    #: TL 4's logit lens reads ``hook_resid_post`` of the last block as the stream ``ln_final``
+    #: reads; that holds for the cumulative flavour only (set per instance below).
+    hook_out_is_single_residual_stream = False
+
     def __init__(self, cfg: AttnResConfig, layer: int):
         super().__init__()
+        self.cfg = cfg
         self.layer = layer
         self.attn_router = DepthRouter(cfg.d_model, cfg.eps, cfg.router_bias, cfg.recency_bias_init)
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
@@ -75,17 +91,59 @@ class AttnResBlock(nn.Module):
             self.hook_resid_pre = HookPoint()
             self.hook_resid_mid = HookPoint()
             self.hook_resid_post = HookPoint()
+            self.hook_out_is_single_residual_stream = True
 
-    def attn_sublayer(self, sources: list[Tensor], cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, state: DepthState, seq: SequenceContext, sublayers: tuple[str, ...] = ("attn", "mlp")
+    ) -> DepthState:
+        """Run this layer's ``sublayers`` (in order) from ``state``."""
+        for sublayer in sublayers:
+            if sublayer not in ("attn", "mlp"):
+                raise ValueError(f"sublayers must hold 'attn' and/or 'mlp', got {sublayers!r}")
+            state = self.step(2 * self.layer + (sublayer == "mlp"), state, seq)
+        return state
+
+    def step(self, k: int, state: DepthState, seq: SequenceContext) -> DepthState:
+        """Sublayer ``k`` (``2 * layer`` or ``2 * layer + 1``): route, run, update the sources."""
+        cfg = self.cfg
+        is_attn = k % 2 == 0
+        if cfg.flavour == "kimi":
+            if closes_block_before(cfg, k):
+                state = DepthState(state.completed + (state.current,), None)
+            out = self._sublayer(is_attn, state.sources(), seq)
+            partial = out if state.current is None else state.current + out
+            return DepthState(state.completed, partial)
+        # cumulative: x is a true additive stream; the sublayer reads it through its router.
+        x = state.current
+        if is_attn:
+            x = self.hook_resid_pre(x)
+            # A snapshot taken just before (block start; the embedding at layer 0) is the same
+            # tensor as x: a hook that replaced x replaces it there too, so patching
+            # resid_pre[l] means what patching resid_post[l-1] means.
+            aliased = state.current
+            completed = tuple(x if source is aliased else source for source in state.completed)
+            state = DepthState(completed, x)
+        x = x + self._sublayer(is_attn, state.sources(), seq)
+        x = self.hook_resid_mid(x) if is_attn else self.hook_resid_post(x)
+        completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
+        return DepthState(completed, x)
+
+    def _sublayer(self, is_attn: bool, sources: list[Tensor], seq: SequenceContext) -> Tensor:
+        if is_attn:
+            return self.attn_sublayer(sources, seq)
+        return self.mlp_sublayer(sources)
+
+    def attn_sublayer(self, sources: list[Tensor], seq: SequenceContext) -> Tensor:
         h = self.hook_attn_in(self.attn_router(sources))
-        return self.hook_attn_out(self.attn(self.ln1(h), cos, sin))
+        kv = seq.kv_cache[self.layer] if seq.kv_cache is not None else None
+        return self.hook_attn_out(self.attn(self.ln1(h), seq.cos, seq.sin, seq.attn_mask, kv))
 
     def mlp_sublayer(self, sources: list[Tensor]) -> Tensor:
         h = self.hook_mlp_in(self.mlp_router(sources))
         return self.hook_mlp_out(self.mlp(self.ln2(h)))
 
 
-class HookedAttnResTransformer(HookedRootModule):
+class HookedAttnResTransformer(TLWeights, HookedRootModule):
     """A Qwen3 decoder with Block AttnRes routing, hookable like a TransformerLens model.
 
     Router hooks (``blocks.{l}.attn_router``, ``blocks.{l}.mlp_router`` and, for kimi,
@@ -128,6 +186,7 @@ class HookedAttnResTransformer(HookedRootModule):
         #: Which checkpoint format the weights came from ("fresh" when built from a config).
         self.checkpoint_format = "fresh"
         self._rotary_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._sequence: Optional[SequenceContext] = None  # set while a forward runs
         self._router_specs = source_layout(cfg)
         if init_weights:
             self.init_weights()
@@ -180,6 +239,7 @@ class HookedAttnResTransformer(HookedRootModule):
         dtype: Optional[Union[torch.dtype, str]] = None,
         device: Optional[Union[str, torch.device]] = None,
         tokenizer: Any = None,
+        fold_ln: bool = False,
     ) -> "HookedAttnResTransformer":
         """Load a checkpoint, or wrap a vanilla Qwen3.
 
@@ -197,10 +257,12 @@ class HookedAttnResTransformer(HookedRootModule):
         - a checkpoint written by :meth:`save_pretrained`, schedule included.
 
         ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
+        ``fold_ln=True`` folds the RMSNorm gains into the weights that read them (see
+        :meth:`process_weights_`).
         """
         from .loading import read_checkpoint
 
-        return read_checkpoint(
+        model = read_checkpoint(
             source,
             flavour=flavour,
             schedule=schedule,
@@ -210,6 +272,9 @@ class HookedAttnResTransformer(HookedRootModule):
             device=device,
             tokenizer=tokenizer,
         ).into(cls)
+        if fold_ln:
+            model.process_weights_(fold_ln=True)
+        return model
 
     def save_pretrained(self, directory: Any, *, max_shard_size: Union[int, str, None] = None) -> Any:
         """Write ``config.json`` + safetensors in the ``qwen3_attnres`` layout of this model's
@@ -266,6 +331,53 @@ class HookedAttnResTransformer(HookedRootModule):
             self._rotary_cache[key] = cached
         return cached[0][:n_pos], cached[1][:n_pos]
 
+    def sequence_context(
+        self,
+        n_pos: int,
+        device: torch.device,
+        attention_mask: Optional[Tensor] = None,
+        kv_cache: Optional[list[KVCacheEntry]] = None,
+    ) -> SequenceContext:
+        """Rotary tables and mask for ``n_pos`` new positions.
+
+        ``attention_mask`` is ``[batch, past + n_pos]`` (1 = real token) and covers the cached
+        positions too. Right padding (or no mask) and no cache use the fused causal kernel;
+        otherwise positions count real tokens only and an explicit mask hides pad keys."""
+        past = kv_cache[0].n_pos if kv_cache else 0
+        if attention_mask is not None and is_right_padded(attention_mask):
+            attention_mask = None
+        if attention_mask is None and past == 0:
+            cos, sin = self.rotary(n_pos, device)
+            return SequenceContext(cos, sin, None, kv_cache)
+        if attention_mask is None:
+            positions = torch.arange(past, past + n_pos, device=device)[None]
+        else:
+            if attention_mask.shape[-1] != past + n_pos:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions, but {past} are "
+                    f"cached and {n_pos} are new"
+                )
+            attention_mask = attention_mask.to(device)
+            positions = positions_from_mask(attention_mask, n_pos)
+        cos, sin = self.rotary(past + n_pos, device)
+        mask = padded_causal_mask(attention_mask, n_pos, past + n_pos, device)
+        return SequenceContext(cos[positions], sin[positions], mask, kv_cache)
+
+    @contextlib.contextmanager
+    def _running(self, seq: SequenceContext):
+        """Make ``seq`` the context of :meth:`step`/:meth:`run_from` for one forward."""
+        previous, self._sequence = self._sequence, seq
+        try:
+            yield
+        finally:
+            self._sequence = previous
+
+    def _context_for(self, state: DepthState) -> SequenceContext:
+        if self._sequence is not None:
+            return self._sequence
+        first = state.sources()[0]
+        return self.sequence_context(first.shape[1], first.device)
+
     def initial_state(self, tokens: Int[Tensor, "batch pos"]) -> DepthState:
         """Embed ``tokens``: the state before the first sublayer."""
         emb = self.hook_embed(self.embed(tokens))
@@ -275,30 +387,7 @@ class HookedAttnResTransformer(HookedRootModule):
 
     def step(self, k: int, state: DepthState) -> DepthState:
         """Run sublayer ``k`` (``attn_{k//2}`` if ``k`` is even, else ``mlp_{k//2}``)."""
-        cfg = self.cfg
-        block = self.blocks[k // 2]
-        is_attn = k % 2 == 0
-        if cfg.flavour == "kimi":
-            if closes_block_before(cfg, k):
-                state = DepthState(state.completed + (state.current,), None)
-            out = self._run_sublayer(block, is_attn, state.sources())
-            partial = out if state.current is None else state.current + out
-            return DepthState(state.completed, partial)
-        # cumulative: x is a true additive stream; the sublayer reads it through its router.
-        x = state.current
-        if is_attn:
-            x = block.hook_resid_pre(x)
-            state = DepthState(state.completed, x)
-        x = x + self._run_sublayer(block, is_attn, state.sources())
-        x = block.hook_resid_mid(x) if is_attn else block.hook_resid_post(x)
-        completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
-        return DepthState(completed, x)
-
-    def _run_sublayer(self, block: AttnResBlock, is_attn: bool, sources: list[Tensor]) -> Tensor:
-        if is_attn:
-            cos, sin = self.rotary(sources[0].shape[1], sources[0].device)
-            return block.attn_sublayer(sources, cos, sin)
-        return block.mlp_sublayer(sources)
+        return self.blocks[k // 2](state, self._context_for(state), (SUBLAYER_NAMES[k % 2],))
 
     def final_input(self, state: DepthState) -> Tensor:
         """What the final norm reads: the final router's output (kimi) or the stream (cumulative)."""
@@ -314,48 +403,157 @@ class HookedAttnResTransformer(HookedRootModule):
     def run_from(
         self, state: DepthState, start: int = 0, stop: Optional[int] = None
     ) -> DepthState:
-        """Run sublayers ``start .. stop-1`` from ``state``."""
+        """Run sublayers ``start .. stop-1`` from ``state``, one block call per layer."""
         stop = self.cfg.n_sublayers if stop is None else stop
-        for k in range(start, stop):
-            state = self.step(k, state)
+        seq = self._context_for(state)
+        k = start
+        while k < stop:
+            layer, first = divmod(k, 2)
+            last = min(2, stop - 2 * layer)
+            state = self.blocks[layer](state, seq, SUBLAYER_NAMES[first:last])
+            k = 2 * layer + last
         return state
+
+    def stream_of(self, state: DepthState) -> Float[Tensor, "batch pos d_model"]:
+        """What ``forward(..., stop_at_layer=L)`` returns. Cumulative: the residual stream ``x``
+        (TransformerLens' meaning). Kimi: the sum of all sources, i.e. embedding plus every
+        sublayer output so far: the stream a vanilla residual model would hold (no router
+        reads it; a zero-query router reads it divided by the number of sources)."""
+        if self.cfg.flavour == "cumulative":
+            return state.current
+        return torch.stack(state.sources(), dim=0).sum(dim=0)
 
     # ---------------------------------------------------------------------- forward
     def forward(
         self,
-        input: TokensLike,
+        input: Union[TokensLike, DepthState],
         return_type: Optional[str] = "logits",
         loss_per_token: bool = False,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        start_at_layer: Optional[int] = None,
+        tokens: Optional[Tensor] = None,
+        stop_at_layer: Optional[int] = None,
         attention_mask: Optional[Tensor] = None,
-    ) -> Union[None, Tensor, tuple[Tensor, Tensor]]:
-        """Run the model.
+        past_kv_cache: Optional[list[KVCacheEntry]] = None,
+    ) -> Any:
+        """Run the model; the arguments are TransformerLens' ``HookedTransformer.forward``'s.
 
         Args:
-            input: a string, a list of strings (tokenised and right-padded) or integer tokens
-                ``[batch, pos]`` (or ``[pos]``).
-            return_type: ``"logits"`` ``[batch, pos, d_vocab]``, ``"loss"`` (mean next-token
-                cross-entropy), ``"both"`` (``(logits, loss)``) or ``None``.
-            loss_per_token: return the loss per token ``[batch, pos - 1]`` instead of its mean.
-            attention_mask: ``[batch, pos]`` with 1 for real tokens, 0 for right padding; padded
-                targets are left out of the loss (right padding never reaches earlier positions
-                under causal attention, so nothing else changes).
+            input: a string, a list of strings (tokenised and padded on ``padding_side``) or
+                integer tokens ``[batch, pos]`` (or ``[pos]``). With ``start_at_layer`` it is the
+                :class:`DepthState` before that layer (from ``stop_at_layer=L,
+                return_type="state"``): a residual tensor alone cannot restart a routed model,
+                whose routers also read earlier sources.
+            return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``,
+                ``None``, or (only with ``stop_at_layer``) ``"state"``.
+            loss_per_token: the loss per token ``[batch, pos - 1]`` instead of its mean.
+            prepend_bos, padding_side: as in :meth:`to_tokens`, for string input. With token
+                input, ``padding_side="left"`` (or a left-padding tokenizer) derives the
+                attention mask from the leading pad tokens, as TransformerLens does.
+            start_at_layer: run layers ``start_at_layer ..`` from the state ``input``; pass
+                ``tokens`` for a loss.
+            stop_at_layer: run layers ``.. stop_at_layer - 1`` (negative counts from the end)
+                and return :meth:`stream_of` the state (cumulative: the residual stream after
+                block ``stop_at_layer - 1``, as TL), or the state itself with
+                ``return_type="state"``.
+            attention_mask: ``[batch, pos]``, 1 for real tokens. Right padding is exact with the
+                causal kernel; left padding shifts positions and masks pad keys, so real tokens
+                compute what they compute unpadded. Padded targets are left out of the loss.
+            past_kv_cache: one :class:`~attnres_lens.components.KVCacheEntry` per layer (used by
+                :meth:`generate`); it is extended in place.
         """
-        if return_type not in RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-        if isinstance(input, (str, list)):
-            if attention_mask is None:
-                input, attention_mask = self.to_tokens(input, return_attention_mask=True)
-            else:
-                input = self.to_tokens(input)
-        tokens = self.validate_tokens(input)
-        state = self.run_from(self.initial_state(tokens))
-        logits = self.readout(state)
+        start, stop = self._layer_range(start_at_layer, stop_at_layer, return_type)
+        if start_at_layer is not None:
+            if not isinstance(input, DepthState):
+                raise TypeError(
+                    f"with start_at_layer, input must be the DepthState before layer {start} "
+                    "(model(tokens, stop_at_layer=L, return_type='state')), got "
+                    f"{type(input).__name__}"
+                )
+            state, n_pos = input, input.sources()[0].shape[1]
+            device = input.sources()[0].device
+            if tokens is not None:
+                tokens = self.validate_tokens(tokens)
+        else:
+            n_past = past_kv_cache[0].n_pos if past_kv_cache else 0
+            tokens, attention_mask = self._tokens_and_mask(input, prepend_bos, padding_side, attention_mask, n_past)
+            state, n_pos, device = None, tokens.shape[1], tokens.device
+        if attention_mask is None and tokens is not None and self._pads_left(padding_side):
+            attention_mask = leading_pad_mask(tokens, self.pad_token_id)
+        loss_mask = _target_mask(attention_mask, n_pos)
+        seq = self.sequence_context(n_pos, device, attention_mask, past_kv_cache)
+        with self._running(seq):
+            if state is None:
+                state = self.initial_state(tokens)
+            state = self.run_from(state, 2 * start, 2 * stop)
+            if stop_at_layer is not None:
+                return state if return_type == "state" else self.stream_of(state)
+            logits = self.readout(state)
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
-        loss = self.loss_fn(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} from a DepthState needs tokens= for the loss")
+        loss = self.loss_fn(logits, tokens, attention_mask=loss_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _layer_range(
+        self, start_at_layer: Optional[int], stop_at_layer: Optional[int], return_type: Optional[str]
+    ) -> tuple[int, int]:
+        n = self.cfg.n_layers
+        if return_type not in RETURN_TYPES and not (return_type == "state" and stop_at_layer is not None):
+            raise ValueError(
+                f"return_type must be one of {RETURN_TYPES} (or 'state' with stop_at_layer), got "
+                f"{return_type!r}"
+            )
+        bounds = {}
+        for name, value, default in (("start_at_layer", start_at_layer, 0), ("stop_at_layer", stop_at_layer, n)):
+            if value is None:
+                bounds[name] = default
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= n:
+                raise ValueError(f"{name} must be an int in [-{n}, {n}] (n_layers={n}), got {value!r}")
+            bounds[name] = value + n if value < 0 else value
+        start, stop = bounds["start_at_layer"], bounds["stop_at_layer"]
+        if start > stop:
+            raise ValueError(f"start_at_layer={start_at_layer} is after stop_at_layer={stop_at_layer}")
+        return start, stop
+
+    def _tokens_and_mask(
+        self,
+        input: Any,
+        prepend_bos: Optional[bool],
+        padding_side: Optional[str],
+        attention_mask: Optional[Tensor],
+        n_past: int = 0,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if isinstance(input, (str, list)):
+            tokens, mask = self.to_tokens(
+                input, prepend_bos=prepend_bos, padding_side=padding_side, return_attention_mask=True
+            )
+            return tokens, mask if attention_mask is None else attention_mask
+        tokens = self.validate_tokens(input)
+        if attention_mask is not None:
+            expected = (tokens.shape[0], n_past + tokens.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask must have shape {expected} ([batch, cached + new positions]), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(tokens.device)
+        return tokens, attention_mask
+
+    def _pads_left(self, padding_side: Optional[str]) -> bool:
+        side = padding_side if padding_side is not None else getattr(self.tokenizer, "padding_side", "right")
+        return side == "left"
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id padding uses: the tokenizer's ``pad_token_id``, else 0."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
 
     def validate_tokens(self, tokens: Tensor) -> Int[Tensor, "batch pos"]:
         """Check a token tensor and return it as ``[batch, pos]`` on the model's device."""
@@ -398,8 +596,13 @@ class HookedAttnResTransformer(HookedRootModule):
         return next_token_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
 
     # ---------------------------------------------------------------------- TL surface
-    def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any):
-        """Like ``HookedTransformer.run_with_cache``: returns ``(output, ActivationCache)``.
+    def run_with_cache(
+        self, *model_args: Any, names_filter: Any = None, return_cache_object: bool = True, **kwargs: Any
+    ):
+        """Like ``HookedTransformer.run_with_cache``: returns ``(output, cache)``, the cache an
+        :class:`~attnres_lens.cache.AttnResActivationCache` (routing-aware; see
+        ``docs/hooks.md``). Forward arguments (``stop_at_layer=``, ``prepend_bos=``, ...) pass
+        through.
 
         ``names_filter`` may use the block-level aliases; the cache holds them as keys too
         (same tensors, no copies)."""
@@ -409,7 +612,10 @@ class HookedAttnResTransformer(HookedRootModule):
             for suffix in ("", "_grad"):
                 if canonical + suffix in cache_dict:
                     cache_dict[alias + suffix] = cache_dict[canonical + suffix]
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        if not return_cache_object:
+            return out, cache_dict
+        has_batch_dim = not kwargs.get("remove_batch_dim", False)
+        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
 
     def _expand_alias_filter(self, names_filter: Any) -> Any:
         if names_filter is None:
@@ -429,20 +635,52 @@ class HookedAttnResTransformer(HookedRootModule):
             )
         raise ValueError("names_filter must be None, a string, a list of strings, or a function")
 
+    def set_materialize_patterns(self, on: bool = True) -> None:
+        """Build every attention pattern (``attn.hook_pattern``/``hook_attn_scores``) even when
+        no TransformerLens hook is attached, for tools that use plain torch hooks (nnsight).
+        Off by default: the fused kernel is faster and never builds the pattern."""
+        for block in self.blocks:
+            block.attn.materialize_pattern = bool(on)
+
+    def set_materialize_norm_scales(self, on: bool = True) -> None:
+        """Compute every RMSNorm's ``hook_scale`` even when no TransformerLens hook is attached
+        (for plain torch hooks). Off by default (Hugging Face's exact ``rsqrt`` arithmetic)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.materialize_scale = bool(on)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HookedAttnResTransformer":
+        """Keep ``cfg.device``/``cfg.dtype`` true after ``.to()``/``.half()``/``.cuda()``/``.cpu()``
+        (every one of them goes through ``nn.Module._apply``)."""
+        out = super()._apply(fn, *args, **kwargs)
+        weight = self.embed.weight
+        if weight.device.type != "meta":
+            self.cfg.device = str(weight.device)
+        self.cfg.dtype = weight.dtype
+        return out
+
     # ---------------------------------------------------------------------- tokens
     def to_tokens(
         self,
         input: Union[str, list[str]],
         prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        move_to_device: bool = True,
         truncate: bool = True,
         return_attention_mask: bool = False,
     ):
-        """Tokenise ``input`` into ``[batch, pos]`` (right-padded with the pad id).
+        """Tokenise ``input`` into ``[batch, pos]``, padded with the pad id on ``padding_side``
+        (default: the tokenizer's, ``"right"`` for the byte tokenizer), as TransformerLens'
+        ``to_tokens``. ``truncate`` cuts each row to ``n_ctx``; ``move_to_device`` puts the tokens on
+        the model's device (else CPU).
 
         With ``return_attention_mask=True`` also returns the ``[batch, pos]`` mask (1 = real)."""
         texts = [input] if isinstance(input, str) else input
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("to_tokens takes a str or a non-empty list of str")
+            raise TypeError(f"to_tokens takes a str or a non-empty list of str, got {type(input).__name__}")
+        side = padding_side if padding_side is not None else getattr(self.tokenizer, "padding_side", "right")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         bos = getattr(self.tokenizer, "bos_token_id", None)
         seqs = []
@@ -456,21 +694,17 @@ class HookedAttnResTransformer(HookedRootModule):
         width = max(len(s) for s in seqs)
         if width == 0:
             raise ValueError("input tokenises to zero tokens")
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        pad = 0 if pad is None else pad
-        tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+        tokens = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, ids in enumerate(seqs):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
-        tokens = tokens.to(self.embed.weight.device)
-        if return_attention_mask:
-            return tokens, mask.to(tokens.device)
-        return tokens
+            cols = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+            tokens[i, cols] = torch.tensor(ids, dtype=torch.long)
+            mask[i, cols] = 1
+        if move_to_device:
+            tokens, mask = tokens.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        return (tokens, mask) if return_attention_mask else tokens
 
     def _encode(self, text: str) -> list[int]:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            return self.tokenizer.encode(text)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def to_string(self, tokens: Union[Tensor, list[int]]) -> Union[str, list[str]]:
@@ -481,63 +715,102 @@ class HookedAttnResTransformer(HookedRootModule):
             tokens = tokens.tolist()
         return self.tokenizer.decode(tokens)
 
-    def to_str_tokens(self, input: Union[str, Tensor, list[int]], prepend_bos: Optional[bool] = None) -> list[str]:
-        """One string per token of a single sequence."""
+    def to_str_tokens(
+        self,
+        input: Union[str, list[str], Tensor, list[int]],
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+    ) -> Union[list[str], list[list[str]]]:
+        """One string per token, as TransformerLens: a str or ``[pos]``/``[1, pos]`` tokens give
+        ``list[str]``; a list of str or ``[batch, pos]`` tokens give one list per row (each
+        string tokenised on its own, so without padding)."""
+        if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
+            return [self.to_str_tokens(text, prepend_bos=prepend_bos) for text in input]
         if isinstance(input, str):
-            input = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
         if isinstance(input, Tensor):
-            if input.ndim == 2:
-                if input.shape[0] != 1:
-                    raise ValueError(f"to_str_tokens takes one sequence, got batch {input.shape[0]}")
-                input = input[0]
-            input = input.tolist()
-        if hasattr(self.tokenizer, "convert_ids_to_tokens") and isinstance(self.tokenizer, ByteTokenizer):
+            if input.ndim == 2 and input.shape[0] != 1:
+                return [self.to_str_tokens(row) for row in input]
+            input = input.reshape(-1).tolist()
+        if not isinstance(input, list) or not all(isinstance(i, int) for i in input):
+            raise TypeError(
+                "to_str_tokens takes a str, a list of str, a list of int or an integer tensor, got "
+                f"{type(input).__name__}"
+            )
+        if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.convert_ids_to_tokens(input)
         return [self.tokenizer.decode([i]) for i in input]
 
-    @torch.no_grad()
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS); ``ValueError`` otherwise."""
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not a single token: use to_tokens")
+        return int(tokens.item())
+
+    def to_single_str_token(self, int_token: int) -> str:
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(f"int_token must be an int, got {type(int_token).__name__}")
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
+    def get_token_position(
+        self,
+        single_token: Union[str, int, Tensor],
+        input: Union[str, Tensor],
+        mode: str = "first",
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+    ) -> int:
+        """Position of ``single_token`` in ``input`` (a str or ``[pos]``/``[1, pos]`` tokens), as TL."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        if input.ndim == 2:
+            if input.shape[0] != 1:
+                raise ValueError(f"rank-2 tokens must have shape [1, pos], got {tuple(input.shape)}")
+            input = input[0]
+        if isinstance(single_token, str):
+            single_token = self.to_single_token(single_token)
+        elif isinstance(single_token, Tensor):
+            single_token = int(single_token.item())
+        hits = (input == single_token).nonzero().flatten()
+        if hits.numel() == 0:
+            raise ValueError(f"token {single_token} does not occur in the input")
+        return int(hits[0] if mode == "first" else hits[-1])
+
     def generate(
         self,
-        input: Union[str, Tensor],
-        max_new_tokens: int = 20,
-        temperature: float = 0.0,
-        seed: Optional[int] = None,
+        input: Union[str, list[str], Tensor] = "",
+        max_new_tokens: int = 10,
         stop_at_eos: bool = True,
-    ) -> Union[str, Tensor]:
-        """Greedy (``temperature=0``) or sampled continuation, recomputing the whole prefix
-        each step (no KV cache: this is for sanity checks, not throughput)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        as_text = isinstance(input, str)
-        tokens = self.to_tokens(input) if as_text else self.validate_tokens(input)
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(seed)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        for _ in range(max_new_tokens):
-            window = tokens[:, -self.cfg.n_ctx :]
-            logits = self(window)[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                nxt = torch.multinomial(probs, 1, generator=gen).to(tokens.device)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            if stop_at_eos and eos is not None and bool((nxt == eos).all()):
-                break
-        return self.to_string(tokens[0]) if as_text else tokens
+        eos_token_id: Optional[Union[int, list[int]]] = None,
+        do_sample: bool = True,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        return_type: Optional[str] = "input",
+        verbose: bool = True,
+        seed: Optional[int] = None,
+    ) -> Union[str, list[str], Tensor]:
+        """Sample (or, with ``do_sample=False`` or ``temperature=0``, greedily pick) up to
+        ``max_new_tokens`` tokens; TransformerLens' arguments and defaults. See
+        :func:`attnres_lens.generation.generate`."""
+        from .generation import generate
+
+        return generate(
+            self, input, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            temperature=temperature, freq_penalty=freq_penalty, use_past_kv_cache=use_past_kv_cache,
+            prepend_bos=prepend_bos, padding_side=padding_side, return_type=return_type,
+            verbose=verbose, seed=seed,
+        )
 
     # ---------------------------------------------------------------------- conveniences
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.weight
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.weight.T
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (
@@ -545,3 +818,13 @@ class HookedAttnResTransformer(HookedRootModule):
             f"n_layers={c.n_layers}, layers_per_block={c.layers_per_block}, d_model={c.d_model}, "
             f"schedule={self.schedule.kind!r}"
         )
+
+
+def _target_mask(attention_mask: Optional[Tensor], n_pos: int) -> Optional[Tensor]:
+    """The mask the loss uses: target ``i`` counts when it and the token predicting it are real
+    (with left padding the first real token has a pad before it)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -n_pos:].clone()
+    mask[:, 1:] = mask[:, 1:] * mask[:, :-1]
+    return mask

@@ -28,7 +28,10 @@ class ByteTokenizer:
     def __len__(self) -> int:
         return N_BYTES
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: object) -> list[int]:  # noqa: ARG002
+        """UTF-8 bytes of ``text``. Hugging Face's keyword arguments (``add_special_tokens``,
+        ``truncation``, ...) are accepted and have no effect: this tokenizer has no special
+        tokens and never truncates."""
         if not isinstance(text, str):
             raise TypeError(f"ByteTokenizer.encode takes a str, got {type(text).__name__}")
         return list(text.encode("utf-8"))
