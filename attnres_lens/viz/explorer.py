@@ -66,6 +66,7 @@ class Explorer:
         self.router.observe(lambda _: self._router_changed(), names="value")
         self.colour_source.observe(lambda _: self._show_routing(), names="value")
         self.patch_text.observe(lambda _: self._patch_changed(), names="value")
+        self.target.observe(lambda _: self._target_changed(), names="value")
         self.reset_button.on_click(lambda _: self.reset())
         self.export_button.on_click(lambda _: self._export())
         self.widget = w.VBox(
@@ -133,6 +134,12 @@ class Explorer:
         except ValueError as err:
             self.message.value = f'<span style="color:#d62728">{html.escape(str(err))}</span>'
             return
+        self.update()
+
+    def _target_changed(self) -> None:
+        for c in self.session.choices:
+            if c.mode == "patch":
+                self.session.set_choice(c.router, c.source, "patch", target=self.target.value)
         self.update()
 
     def reset(self) -> None:

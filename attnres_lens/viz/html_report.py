@@ -81,7 +81,7 @@ def report_section(name: str, report: Any, *, first: bool) -> str:
 
 
 def write_html_report(
-    reports: Mapping[str, Any],
+    reports: Any,
     path: Union[str, Path],
     *,
     title: str = "attnres_lens: routing mass vs causal effect",
