@@ -22,7 +22,8 @@ TABLE_COLUMNS = (
     "grad_estimate", "content_dependence", "eligible", "flag", "n_copies",
 )
 PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1.5em; max-width: 1200px; color: #222; }
+.table-scroll { overflow-x: auto; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; margin-top: 2em; }
 h3 { font-size: 1.05em; margin-top: 1.3em; }
 table.dataframe { border-collapse: collapse; font-size: 12px; }
@@ -36,7 +37,8 @@ def _table_html(df: pd.DataFrame, columns: Any = None) -> str:
     if columns is not None:
         df = df[[c for c in columns if c in df]]
     scalar = [c for c in df if not df[c].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any()]
-    return df[scalar].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, escape=True)
+    table = df[scalar].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, escape=True)
+    return f'<div class="table-scroll">{table}</div>'
 
 
 def _check(reports: Any) -> dict[str, Any]:
