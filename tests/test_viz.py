@@ -64,11 +64,11 @@ def _choices(model):
     """A mix of every choice, on an early and a late router."""
     names = [s.name for s in model.router_specs]
     early, late = model.router_specs[1], model.router_specs[-1]
-    return [
-        (early.name, 0, "zero", {}),
+    return [  # late first, so the rerun starts later, then earlier
         (late.name, late.n_sources - 1, "scale", {"factor": 0.3}),
         (late.name, 0, "patch", {"target": "source"}),
         (names[-2], 0, "mask", {}),
+        (early.name, 0, "zero", {}),
     ]
 
 
@@ -94,8 +94,8 @@ def test_rerun_from_the_clean_prefix_equals_a_full_forward(flavour, routing_mode
         )
         probs = torch.softmax(full[0, -1], -1)
         assert [p.token_id for p in result.top_intervened] == probs.topk(3).indices.tolist()
-        first = min(model.router(c.router) is not None and session.specs[c.router].step for c in session.choices)
-        assert result.rerun_from == first
+        steps = {spec.name: spec.step for spec in model.router_specs}
+        assert result.rerun_from == min(steps[c.router] for c in session.choices)
         assert result.metric_clean == clean.metric_clean
 
 
@@ -141,6 +141,7 @@ def test_exported_code_reproduces_the_intervened_run(cumulative, as_text):
     exec(code, namespace)
     interventions = namespace["interventions"]
     assert all(isinstance(i, Intervention) for i in interventions)
+    assert interventions[0].where == Slice(cumulative.router_specs[1].name, 0)  # forward order
     assert [(i.where, i.mode, i.target) for i in interventions] == [
         (i.where, i.mode, i.target) for i in session.interventions()
     ]
