@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
+from .depth_patching import get_act_patch_depth_state
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
 from .interventions.compile import compile_interventions, hooks_from_ops
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
@@ -681,6 +682,7 @@ __all__ = [
     "SweepResult",
     "UndefinedInterventionWarning",
     "default_bands",
+    "get_act_patch_depth_state",
     "get_act_patch_routing",
     "logit_diff_metric",
     "per_prompt_kl",

@@ -70,11 +70,6 @@ def test_the_import_graph_has_no_cycle():
     assert "model" not in loading, loading
 
 
-# interventions.py is being split into a package on a parallel branch, which fixes its citation.
-CITATION_PENDING = {"interventions.py"}
-
-
 def test_no_file_in_the_package_cites_a_path_outside_the_repository():
     for path in (ROOT / "attnres_lens").rglob("*.py"):
-        if path.name not in CITATION_PENDING:
-            assert "shared/spec" not in path.read_text(), path
+        assert "shared/spec" not in path.read_text(), path
