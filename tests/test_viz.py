@@ -279,12 +279,16 @@ def test_merged_copies_show_in_the_hover(report):
     assert counts == sorted(merged["n_copies"].tolist())
 
 
-def test_grouped_reports_lay_out_by_band(cumulative):
+@pytest.mark.parametrize("flavour,groups", [("cumulative", "family_band"), ("kimi", "family")])
+def test_grouped_reports_lay_out_by_family(flavour, groups):
+    model = tiny_attnres(flavour, "block", n_layers=3, n_blocks=3 if flavour == "cumulative" else 2, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grouped = mass_vs_effect(cumulative, _tokens(8, seed=2, batch=20), n_boot=60, gradient=False, groups="family_band")
+        grouped = mass_vs_effect(model, _tokens(8, seed=2, batch=20), n_boot=60, gradient=False, groups=groups)
     heat = plot_effect_heatmap(grouped)
     assert set(heat.data[0].x) <= {"embedding", "current", "history"}
+    if groups == "family":  # one row per router, the kimi final router last
+        assert list(heat.data[0].y) == [f"L{l} {s}" for l in range(3) for s in ("attn", "mlp")] + ["final"]
     assert np.isfinite(np.asarray(heat.data[0].z, dtype=float)).sum() == len(grouped.table)
     plot_routing_heatmap(grouped)  # from the routing statistics
     no_routing = type(grouped)(**{**grouped.__dict__, "routing": None})
