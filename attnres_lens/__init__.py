@@ -19,6 +19,7 @@ _WHERE = {
     "DepthSource": "router",
     "DepthState": "model",
     "HookedAttnResTransformer": "model",
+    "AttnResActivationCache": "cache",
     "RouterSpec": "router",
     "RoutingSchedule": "config",
     "expected_weights_table": "schedule",
@@ -30,6 +31,7 @@ _WHERE = {
     "Intervention": "interventions",
     "Slice": "interventions",
     "apply_interventions": "interventions",
+    "get_act_patch_depth_state": "patching",
     "get_act_patch_routing": "patching",
     "model_with_interventions": "interventions",
     "run_with_interventions": "interventions",
@@ -47,6 +49,8 @@ _WHERE = {
     "bundled": "bundled",
     "Subject": "protocol",
     "run_protocol": "protocol",
+    # interactive views (plotly, ipywidgets: imported on first use)
+    "viz": "viz",
 }
 
 __all__ = list(_WHERE)
@@ -66,7 +70,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import bundled
+    from . import bundled, viz
+    from .cache import AttnResActivationCache
     from .attribution import (
         MassEffectReport,
         RoutingStatistics,
@@ -86,7 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         run_with_interventions,
     )
     from .model import DepthState, HookedAttnResTransformer
-    from .patching import get_act_patch_routing, sweep_sources
+    from .patching import get_act_patch_depth_state, get_act_patch_routing, sweep_sources
     from .protocol import Subject, run_protocol
     from .router import DepthRouter, DepthSource, RouterSpec, source_layout
     from .schedule import expected_weights_table, verify_schedule
