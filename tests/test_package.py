@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,12 @@ def test_the_import_graph_has_no_cycle():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "eager cycles: none" in out.stdout
-    assert "cycles counting lazy imports: none" in out.stdout
-    assert "loading        eager: attnres_lens, config, tokenizer" not in out.stdout
+    # The one deferred back-edge: ``Intervention.to_hooks`` (a method of the value class) imports
+    # the compiler inside the method; at import time nothing cycles.
+    lazy = out.stdout.split("cycles counting lazy imports:")[1]
+    assert lazy.strip() == "none" or set(re.findall(r"attnres_lens\.[\w.]+", lazy)) <= {
+        "attnres_lens.interventions.compile", "attnres_lens.interventions.spec",
+        "attnres_lens.interventions.providers"}, lazy
     loading = next(line for line in out.stdout.splitlines() if line.startswith("loading "))
     assert "model" not in loading, loading
 
