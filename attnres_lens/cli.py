@@ -213,6 +213,12 @@ def _add_train(sub: Any) -> None:
             extra["metavar"] = "X"
         p.add_argument(flag, dest=name, default=None, **{**kwargs, **extra, "help": help_text})
     p.add_argument("--resume", metavar="DIR", help="continue a saved run from a checkpoint or run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files (default: refuse)")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even when the estimated activation memory exceeds the memory available",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=_cmd_train)
 
@@ -236,7 +242,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k in TrainConfig.RESUMABLE_OVERRIDES})
     else:
         cfg = TrainConfig(**given)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    result = train(
+        cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+        check_memory=not args.skip_memory_check,
+    )
     if args.quiet:
         print(f"{result.out_dir}\teval_loss={result.final_eval_loss:.4f}\tunigram={result.unigram_eval_loss:.4f}")
     return 0
