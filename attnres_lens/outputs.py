@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Union
 
@@ -46,7 +46,7 @@ def staged_output_dir(out_dir: Union[str, os.PathLike], *, overwrite: bool, flag
     try:
         yield staging
         check_output_dir(out, overwrite=overwrite, flag=flag)  # nothing appeared meanwhile
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; a normal directory is not
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a normal directory is not
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -55,10 +55,21 @@ def staged_output_dir(out_dir: Union[str, os.PathLike], *, overwrite: bool, flag
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def honour_umask(paths: Iterable[Union[str, os.PathLike]]) -> None:
+    """Give files the mode an ordinary ``open()`` would (0644 under the usual umask 022).
+
+    safetensors writes through a private temporary file (mode 0600), so without this a checkpoint
+    on a shared cluster is unreadable to colleagues while its config.json is not."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def replace_output_dir(out_dir: Union[str, os.PathLike], *, overwrite: bool, flag: str = "overwrite=True") -> Path:

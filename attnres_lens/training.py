@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from . import loading, metrics
-from .outputs import check_output_dir
+from .outputs import check_output_dir, honour_umask
 from .resources import available_memory_bytes, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
@@ -344,6 +344,7 @@ def save_model(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> 
     directory.mkdir(parents=True, exist_ok=True)
     with quiet_hf():
         model.save_pretrained(directory)
+    honour_umask(directory.glob("*.safetensors"))  # Hugging Face's writer leaves them 0600
     if (
         not isinstance(model, HookedAttnResTransformer)
         and tokenizer is not None

@@ -464,3 +464,19 @@ def test_a_real_vocabulary_without_tokenizer_files_gets_no_byte_tokenizer(tmp_pa
 
 def test_a_byte_sized_vocabulary_keeps_the_byte_tokenizer(base):
     assert isinstance(HookedAttnResTransformer.from_pretrained(base, flavour="kimi").tokenizer, al.ByteTokenizer)
+
+
+# ---------------------------------------------------------------------------- file modes (issue K 16)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_saved_weights_have_the_mode_of_the_other_files(tmp_path, umask, shard):
+    import os
+
+    model = HookedAttnResTransformer(al.AttnResConfig(d_model=32, d_head=8, n_layers=2))
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path, max_shard_size=shard)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(modes) >= 2 and set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}

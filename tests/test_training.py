@@ -290,3 +290,18 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_reading_data(tmp_path
                  "--out", str(tmp_path / "cli"), "--quiet"]) == 1
     assert "--skip-memory-check" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_qwen3_baseline_weights_have_the_mode_of_the_other_files(tmp_path):
+    import os
+
+    from attnres_lens.training import build_model, load_tokenizer, save_model
+
+    model = build_model(TrainConfig(**TINY, arch="qwen3", out_dir=str(tmp_path)), load_tokenizer(None))
+    previous = os.umask(0o022)
+    try:
+        save_model(model, tmp_path / "base")
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "base").iterdir()}
+    assert modes["model.safetensors"] == oct(0o644) == modes["config.json"], modes
