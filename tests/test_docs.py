@@ -150,3 +150,16 @@ def test_checkpoint_layout_table_matches_the_loader(flavour):
     other = "cumulative" if flavour == "kimi" else "kimi"
     other_keys = set(key_map(AttnResConfig(flavour=other, n_layers=2, d_model=32, d_head=8), with_routers=True))
     assert set(table) == set(mapped) | other_keys  # the table lists both flavours' keys, nothing else
+
+
+def test_the_site_publishes_pages_and_figures_but_not_the_figure_script():
+    """``mkdocs build`` copies every file under docs/ unless excluded: make_figures.py must not
+    be published (checked on mkdocs' own file collection, as the build sees it)."""
+    mkdocs_config = pytest.importorskip("mkdocs.config")
+    from mkdocs.structure.files import get_files
+
+    config = mkdocs_config.load_config(str(DOCS.parent / "mkdocs.yml"))
+    published = {f.src_uri for f in get_files(config) if f.inclusion.is_included()}
+    assert (DOCS / "make_figures.py").is_file()
+    assert "make_figures.py" not in published
+    assert "concepts.md" in published and "figures/content_dependence.png" in published
