@@ -31,16 +31,25 @@ class CLIError(Exception):
 
 
 # ============================================================================ helpers
-def _number(convert: Callable[[str], Any], lowest: Optional[Union[int, float]] = None, *, strict: bool = False, what: str):
+def _number(
+    convert: Callable[[str], Any],
+    lowest: Optional[Union[int, float]] = None,
+    *,
+    strict: bool = False,
+    highest: Optional[Union[int, float]] = None,
+    what: str,
+):
     """An argparse ``type=``: ``convert`` the text and, with ``lowest``, require
-    ``value >= lowest`` (``> lowest`` when ``strict``); errors name ``what`` was expected."""
+    ``value >= lowest`` (``> lowest`` when ``strict``), with ``highest`` ``value <= highest``;
+    errors name ``what`` was expected."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if lowest is not None and (value <= lowest if strict else value < lowest):
+        too_low = lowest is not None and (value <= lowest if strict else value < lowest)
+        if too_low or (highest is not None and value > highest):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
 
@@ -51,6 +60,10 @@ _positive_int = _number(int, 1, what="a positive integer")
 _nonneg_int = _number(int, 0, what="an integer >= 0")
 _positive_float = _number(float, 0.0, strict=True, what="a number > 0")
 _float = _number(float, what="a number")
+#: More bootstrap resamples do not sharpen a 95% interval, and every resample costs memory
+#: (one float per slice): 100,000 is far beyond what any interval needs.
+MAX_BOOT = 100_000
+_boot_count = _number(int, 1, highest=MAX_BOOT, what=f"a positive integer of at most {MAX_BOOT:,}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,6 +213,12 @@ def _add_train(sub: Any) -> None:
             extra["metavar"] = "X"
         p.add_argument(flag, dest=name, default=None, **{**kwargs, **extra, "help": help_text})
     p.add_argument("--resume", metavar="DIR", help="continue a saved run from a checkpoint or run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files (default: refuse)")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even when the estimated activation memory exceeds the memory available",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=_cmd_train)
 
@@ -223,7 +242,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k in TrainConfig.RESUMABLE_OVERRIDES})
     else:
         cfg = TrainConfig(**given)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    result = train(
+        cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+        check_memory=not args.skip_memory_check,
+    )
     if args.quiet:
         print(f"{result.out_dir}\teval_loss={result.final_eval_loss:.4f}\tunigram={result.unigram_eval_loss:.4f}")
     return 0
@@ -433,7 +455,7 @@ def _add_protocol_options(p: argparse.ArgumentParser, *, out_default: str, threa
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per forward pass (default: all at once)")
     p.add_argument("--prompts", type=_positive_int, metavar="N", default=32, help="number of prompts (evenly spaced windows of the text)")
     p.add_argument("--seq-len", type=_positive_int, metavar="N", default=128, help="tokens per prompt (at most the model's context)")
-    p.add_argument("--n-boot", type=_positive_int, metavar="N", default=200, help="bootstrap resamples")
+    p.add_argument("--n-boot", type=_boot_count, metavar="N", default=200, help=f"bootstrap resamples (at most {MAX_BOOT:,})")
     p.add_argument("--seed", type=_nonneg_int, metavar="N", default=0, help="bootstrap seed")
     p.add_argument(
         "--threads",
@@ -448,6 +470,7 @@ def _add_protocol_options(p: argparse.ArgumentParser, *, out_default: str, threa
             else " (default: torch's choice; 1 is often faster on a busy machine)"
         ),
     )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary table")
 
 
@@ -500,7 +523,50 @@ def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "bands": dict(args.bands) if args.bands else None,
         "progress": not args.quiet,
+        "overwrite": args.overwrite,
     }
+
+
+def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> None:
+    """What can be refused before a model is loaded: the output directory and the bands."""
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out, overwrite=args.overwrite, flag="--overwrite")
+    if not args.bands:
+        return
+    names = [name for name, _ in args.bands]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CLIError(f"--bands: each band name once, got {', '.join(repeated)} more than once")
+    owner: dict[int, str] = {}
+    for name, layers in args.bands:
+        for layer in layers:
+            if n_layers is not None and not 0 <= layer < n_layers:
+                raise CLIError(
+                    f"--bands {name}: layer {layer} does not exist; the model has {n_layers} layers (0-{n_layers - 1})"
+                )
+            if layer in owner and owner[layer] != name:
+                raise CLIError(f"--bands: layer {layer} is in both {owner[layer]!r} and {name!r}; bands may not overlap")
+            owner[layer] = name
+
+
+def _layer_count(source: str) -> Optional[int]:
+    """``num_hidden_layers`` from a local checkpoint's config.json, without loading it."""
+    try:
+        value = json.loads((Path(source).expanduser() / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading reports what is wrong
+    return value if isinstance(value, int) else None
+
+
+def _size_note(asked_prompts: int, asked_seq_len: int, prompts: int, seq_len: int, why: str) -> None:
+    """One console line when a run is smaller than asked (report.md says it too)."""
+    if (prompts, seq_len) != (asked_prompts, asked_seq_len):
+        print(
+            f"{PROG}: note: running {prompts} prompts x {seq_len} tokens, not the {asked_prompts} x "
+            f"{asked_seq_len} asked: {why}",
+            file=sys.stderr,
+        )
 
 
 def _finish(result: Any, args: argparse.Namespace, wall: float) -> None:
@@ -519,13 +585,19 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _set_threads(args)
     texts = _read_texts(args.text)
+    _check_protocol_args(args, _layer_count(args.source))
     model = _load_source(args)
     if isinstance(model.tokenizer, NoTokenizer):
         raise CLIError(
             f"{args.source} ships no tokenizer and its vocabulary ({model.cfg.d_vocab:,} tokens) is "
             "not the built-in byte tokenizer's; pass the model's tokenizer with --tokenizer DIR"
         )
-    tokens = text_windows(model, texts, n_prompts=args.prompts, seq_len=min(args.seq_len, model.cfg.n_ctx))
+    seq_len = min(args.seq_len, model.cfg.n_ctx)
+    tokens = text_windows(model, texts, n_prompts=args.prompts, seq_len=seq_len)
+    reasons = [f"the model's context is {model.cfg.n_ctx} tokens"] if seq_len < args.seq_len else []
+    if tokens.shape[0] < args.prompts:
+        reasons.append(f"the text holds only {tokens.shape[0]} windows of {seq_len} tokens")
+    _size_note(args.prompts, args.seq_len, tokens.shape[0], tokens.shape[1], "; ".join(reasons))
     description = (
         f"{model.cfg.flavour} AttnRes, "
         + ("learned routing" if not model.schedule.is_scheduled else f"wrapped ({model.schedule.kind} schedule)")
@@ -569,6 +641,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _set_threads(args)
+    _check_protocol_args(args, _layer_count(str(bundled.model_path(bundled.ATTNRES_MODEL))))
     if not args.quiet:
         print(
             f"{PROG} demo: wrapped vanilla Qwen3 (recency schedule, b = {bundled.DEMO_RECENCY_BIAS:g}) vs "
@@ -577,6 +650,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(
         args.out, n_prompts=args.prompts, seq_len=args.seq_len, **_protocol_kwargs(args)
     )
+    data = result.summary["data"]
+    _size_note(args.prompts, args.seq_len, data["n_prompts"], data["seq_len"],
+               "the bundled held-out text holds only that many windows")
     _finish(result, args, time.perf_counter() - t0)
     return 0
 

@@ -21,6 +21,7 @@ import torch
 
 from . import bundled
 from .metrics import next_token_loss
+from .outputs import check_output_dir
 from .protocol import DEFAULT_GROUPS, ProtocolResult, Subject, run_protocol
 
 INTRO = (
@@ -92,8 +93,11 @@ def run_demo(
     bands: Any = None,
     progress: bool = True,
     recency_bias: float = bundled.DEMO_RECENCY_BIAS,
+    overwrite: bool = False,
 ) -> ProtocolResult:
-    """Run the demo and write ``report.md``, ``summary.json`` and ``figures/`` into ``out_dir``."""
+    """Run the demo and write ``report.md``, ``summary.json`` and ``figures/`` into ``out_dir``
+    (which must not hold files unless ``overwrite=True``; see :func:`run_protocol`)."""
+    check_output_dir(out_dir, overwrite=overwrite)  # before the models are loaded
     trained = bundled.load_attnres()
     tokens = bundled.eval_tokens(trained, n_prompts=n_prompts, seq_len=seq_len)
     subjects = [_wrapped_subject(recency_bias, tokens), _trained_subject(trained)]
@@ -117,4 +121,5 @@ def run_demo(
         },
         title="Wrapped vs trained routing: the bundled-model demo",
         intro=INTRO,
+        overwrite=overwrite,
     )

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AttnResConfig, RoutingSchedule
+from .outputs import honour_umask
 from .tokenizer import N_BYTES, ByteTokenizer
 
 if TYPE_CHECKING:  # annotations only: loading never imports the model
@@ -844,6 +845,7 @@ def save_pretrained(
                      "weight_map": split.tensor_to_filename}
             (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
+    honour_umask(directory.glob("*.safetensors"))
     if not isinstance(model.tokenizer, ByteTokenizer) and hasattr(model.tokenizer, "save_pretrained"):
         model.tokenizer.save_pretrained(str(directory))
     return directory

@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .outputs import check_output_dir, staged_output_dir
 from .serialize import jsonable
 
 #: Top-level keys of ``summary.json``.
@@ -249,6 +250,7 @@ def run_protocol(
     data: Optional[dict] = None,
     title: str = "Block AttnRes routing: mass vs causal effect",
     intro: str = "",
+    overwrite: bool = False,
 ) -> ProtocolResult:
     """Measure every subject on ``tokens`` and write the report into ``out_dir``.
 
@@ -258,6 +260,10 @@ def run_protocol(
     spread of the routing weights over tokens); and
     :func:`attnres_lens.attribution.mass_vs_effect` for each grouping in ``groups``, with
     ``mode``, ``metric``, ``n_boot``, ``seed``, ``bands`` and ``batch_size``.
+
+    ``out_dir`` must not exist or be empty unless ``overwrite=True``, which replaces it. The run
+    writes into a temporary directory beside it that takes its place only when everything
+    succeeded, so a failed run leaves nothing behind and never mixes with an earlier run.
     """
     from tqdm.auto import tqdm
 
@@ -265,37 +271,38 @@ def run_protocol(
         mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands
     )
     _check_subjects(subjects, settings)
+    check_output_dir(out_dir, overwrite=overwrite)
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
     n_steps = len(subjects) * (2 + 2 * len(settings.groups)) + 1
-    bar = tqdm(total=n_steps, disable=not progress, desc="attnres-lens", unit="step", leave=False)
-
-    def advance(text: str) -> None:
-        bar.set_postfix_str(text, refresh=False)
-        bar.update(1)
-
     summary = _new_summary(settings, tokens, command, data)
     reports: dict[str, dict[str, Any]] = {}
-    for subject in subjects:
-        bar.set_description(subject.name)
-        entry, reports[subject.name] = _measure_subject(subject, tokens, settings, fig_dir, advance)
-        summary["models"][subject.name] = jsonable(entry)
-        summary["figures"] += [path for group in entry["groups"].values() for path in group["figures"].values()]
-        for report in reports[subject.name].values():
-            if summary["settings"]["bands"] is None:
-                summary["settings"]["bands"] = report.settings.get("bands")
+    with staged_output_dir(out_dir, overwrite=overwrite) as staging, tqdm(
+        total=n_steps, disable=not progress, desc="attnres-lens", unit="step", leave=False
+    ) as bar:
 
-    _plot_content_dependence(summary, fig_dir / "content_dependence.png")
-    summary["figures"].append("figures/content_dependence.png")
-    summary["comparison"] = _comparison(summary)
-    advance("report")
-    bar.close()
-    summary["wall_s"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
-    (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
-    return ProtocolResult(summary=summary, reports=reports, out_dir=out)
+        def advance(text: str) -> None:
+            bar.set_postfix_str(text, refresh=False)
+            bar.update(1)
+
+        fig_dir = staging / "figures"
+        fig_dir.mkdir()
+        for subject in subjects:
+            bar.set_description(subject.name)
+            entry, reports[subject.name] = _measure_subject(subject, tokens, settings, fig_dir, advance)
+            summary["models"][subject.name] = jsonable(entry)
+            summary["figures"] += [path for group in entry["groups"].values() for path in group["figures"].values()]
+            for report in reports[subject.name].values():
+                if summary["settings"]["bands"] is None:
+                    summary["settings"]["bands"] = report.settings.get("bands")
+
+        _plot_content_dependence(summary, fig_dir / "content_dependence.png")
+        summary["figures"].append("figures/content_dependence.png")
+        summary["comparison"] = _comparison(summary)
+        advance("report")
+        summary["wall_s"] = time.perf_counter() - t_start
+        (staging / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
+        (staging / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
+    return ProtocolResult(summary=summary, reports=reports, out_dir=Path(out_dir).expanduser())
 
 
 def _check_subjects(subjects: Sequence[Subject], settings: ProtocolSettings) -> None:

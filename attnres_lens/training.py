@@ -58,6 +58,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sysconfig
 import time
 import zlib
@@ -71,6 +72,8 @@ import torch
 from torch import Tensor, nn
 
 from . import loading, metrics
+from .outputs import check_output_dir, honour_umask
+from .resources import available_memory_bytes, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .tokenizer import ByteTokenizer
@@ -341,6 +344,7 @@ def save_model(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> 
     directory.mkdir(parents=True, exist_ok=True)
     with quiet_hf():
         model.save_pretrained(directory)
+    honour_umask(directory.glob("*.safetensors"))  # Hugging Face's writer leaves them 0600
     if (
         not isinstance(model, HookedAttnResTransformer)
         and tokenizer is not None
@@ -519,6 +523,8 @@ def train(
     resume: Optional[PathLike] = None,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
+    check_memory: bool = True,
 ) -> TrainResult:
     """Train the model ``cfg`` describes and save it to ``cfg.out_dir``.
 
@@ -530,6 +536,10 @@ def train(
             weights, optimizer, scheduler and RNG states.
         progress: show a tqdm bar with the running loss.
         log: where one-line messages go (default: ``print`` when ``progress``, else nowhere).
+        overwrite: replace ``cfg.out_dir`` when it already holds files (default: refuse, so runs
+            never mix). A resumed run may continue in its own directory without it.
+        check_memory: refuse, before any data is read, a run whose estimated activation memory
+            (:func:`activation_memory_bytes`) exceeds the memory available; ``False`` tries anyway.
 
     Returns:
         a :class:`TrainResult`. ``cfg.out_dir`` then holds the final model (loadable with
@@ -539,12 +549,12 @@ def train(
     """
     threads = cfg.threads
     if resume is None and threads is None:
-        return _train(cfg, resume=resume, progress=progress, log=log)
+        return _train(cfg, resume=resume, progress=progress, log=log, overwrite=overwrite, check_memory=check_memory)
     previous = torch.get_num_threads()
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        return _train(cfg, resume=resume, progress=progress, log=log)
+        return _train(cfg, resume=resume, progress=progress, log=log, overwrite=overwrite, check_memory=check_memory)
     finally:
         torch.set_num_threads(previous)
 
@@ -575,14 +585,19 @@ def _train(
     resume: Optional[PathLike],
     progress: bool,
     log: Optional[Callable[[str], None]],
+    overwrite: bool,
+    check_memory: bool,
 ) -> TrainResult:
     say = log if log is not None else (print if progress else (lambda _msg: None))
     resumed = _find_resume(resume)
     if resumed is not None:
         cfg = _resumed_config(cfg, resumed)
+    replace_out_dir = _check_out_dir(cfg, resumed, overwrite)
     device = resolve_device(cfg.device)
     autocast = _autocast_factory(device, cfg.precision)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if check_memory:
+        _check_activation_memory(cfg, vocab_size(tokenizer), device)
     corpus = load_corpus(cfg, tokenizer)
     _check_same_data(resumed, corpus)
     unigram = unigram_loss(corpus.train, corpus.eval, vocab_size(tokenizer))
@@ -591,6 +606,8 @@ def _train(
     run = _start_run(cfg, tokenizer, resumed, device)
     n_params = sum(p.numel() for p in run.model.parameters())
     out_dir = Path(cfg.out_dir)
+    if replace_out_dir:
+        shutil.rmtree(out_dir)  # only now: a run refused above leaves the old one in place
     out_dir.mkdir(parents=True, exist_ok=True)
     say(_start_message(cfg, n_params, corpus, device, run.start))
 
@@ -620,6 +637,50 @@ def _train(
         n_params=n_params,
         wall_s=wall,
     )
+
+
+def _check_out_dir(cfg: TrainConfig, resumed: Optional[_Resumed], overwrite: bool) -> bool:
+    """Whether ``cfg.out_dir`` must be cleared before the run writes; refuses a directory that
+    holds another run's files unless ``overwrite``."""
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    if resumed is not None and out_dir in (resumed.checkpoint.resolve(), *resumed.checkpoint.resolve().parents):
+        if overwrite:
+            raise TrainingError(
+                f"overwrite would delete {out_dir}, which holds the checkpoint being resumed "
+                f"({resumed.checkpoint}); resume without --overwrite to continue that run"
+            )
+        return False  # continuing a run in its own directory
+    try:
+        check_output_dir(out_dir, overwrite=overwrite, flag="--overwrite (overwrite=True)")
+    except (FileExistsError, NotADirectoryError) as err:
+        raise TrainingError(str(err)) from None
+    return overwrite and out_dir.is_dir() and any(out_dir.iterdir())
+
+
+def activation_memory_bytes(cfg: TrainConfig, n_vocab: int) -> int:
+    """A rough upper estimate of the memory one training step keeps for the backward pass
+    (float32): per token and layer the attention and MLP activations and the routers' stacked
+    sources, plus the logits, and the weights with their gradients and AdamW state."""
+    d_model, d_mlp, layers = cfg.d_model, cfg.resolved_d_mlp, cfg.n_layers
+    max_sources = 2 * layers + 1 if cfg.routing_mode == "full" else (cfg.n_blocks or layers) + 2
+    per_token = layers * (12 * d_model + 4 * d_mlp + 2 * (max_sources + 2) * d_model) + 3 * n_vocab
+    approx_params = layers * (4 * d_model * d_model + 3 * d_model * d_mlp) + 2 * n_vocab * d_model
+    return 4 * (cfg.batch_size * cfg.seq_len * per_token + 4 * approx_params)
+
+
+def _check_activation_memory(cfg: TrainConfig, n_vocab: int, device: torch.device) -> None:
+    needed = activation_memory_bytes(cfg, n_vocab)
+    if device.type == "cuda":
+        available: Optional[int] = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise TrainingError(
+            f"a training step needs about {gib(needed)} (batch {cfg.batch_size} x {cfg.seq_len} tokens, "
+            f"{cfg.n_layers} layers, d_model {cfg.d_model}), more than the {gib(available)} available "
+            f"on {device}; lower --seq-len or --batch-size, or pass --skip-memory-check "
+            "(check_memory=False) to try anyway"
+        )
 
 
 def _find_resume(resume: Optional[PathLike]) -> Optional[_Resumed]:

@@ -125,11 +125,13 @@ def test_probe_wrapped_vanilla_checks_its_schedule(tiny_dirs, tmp_path, capsys):
         ([], 2, "give a command"),
     ],
 )
-def test_bad_arguments_give_a_clear_error_and_no_traceback(tiny_dirs, argv, code, needle, capsys):
+def test_bad_arguments_give_a_clear_error_and_no_traceback(tiny_dirs, argv, code, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --out (attnres-probe/) would land
     subst = {"DIR": str(tiny_dirs["cumulative"]), "TEXT": str(tiny_dirs["text"]), "QWEN": str(tiny_dirs["qwen3"])}
     assert main([subst.get(a, a) for a in argv]) == code
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # a failed run leaves nothing behind
 
 
 @pytest.mark.parametrize("command", ["demo", "probe", "inspect", "train"])
@@ -264,3 +266,78 @@ def test_probe_refuses_a_real_vocabulary_without_a_tokenizer(vocab_1000_dir, tin
 def test_inspect_names_a_missing_tokenizer(vocab_1000_dir, capsys):
     assert main(["inspect", str(vocab_1000_dir), "--flavour", "kimi"]) == 0
     assert "tokenizer   none (token ids only" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- output directories (issue K 2, 5-7)
+PROBE_FAST = ["--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--groups", "slice"]
+
+
+@pytest.mark.parametrize(
+    "extra, code, needle",
+    [
+        (["--prompts", "2"], 1, "too few prompts"),
+        (["--groups", "family_band", "--bands", "early=0,1", "late=5"], 1, "layer 5 does not exist"),
+        (["--groups", "family_band", "--bands", "early=0,1", "late=1,2"], 1, "bands may not overlap"),
+        (["--groups", "family_band", "--bands", "a=0", "a=1"], 1, "each band name once"),
+        (["--n-boot", "100000000"], 2, "a positive integer of at most 100,000, got 100000000"),
+    ],
+)
+def test_failed_probes_leave_nothing_behind(tiny_dirs, tmp_path, capsys, extra, code, needle):
+    out = tmp_path / "runs" / "probe"
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out)]
+    assert main(argv + PROBE_FAST + extra) == code
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []  # no staging left
+
+
+def test_arguments_are_checked_before_the_model_is_loaded(tiny_dirs, tmp_path, capsys):
+    """With the weights file corrupted, a bad band is still the error reported: it was checked first."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["cumulative"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    argv = ["probe", str(broken), "--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out"), "--bands", "late=7"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "layer 7 does not exist; the model has 3 layers" in err and "safetensors" not in err
+
+
+def test_an_error_after_the_progress_bar_starts_is_on_a_fresh_line(tiny_dirs, tmp_path, capsys):
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out"),
+            "--prompts", "2", "--seq-len", "32"]  # refused by mass_vs_effect, after the loss step
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "attnres-lens" in err  # the bar was drawn (its description)
+    assert any(line.startswith("attnres-lens probe: error:") for line in err.splitlines()), repr(err[-300:])
+
+
+def test_a_reduced_size_is_said_once_on_the_console(tiny_dirs, tmp_path, capsys):
+    argv = ["probe", str(tiny_dirs["kimi"]), "--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out"),
+            "--prompts", "500", "--seq-len", "1000", "--n-boot", "40", "--groups", "slice", "--quiet"]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["data"]
+    assert summary["seq_len"] == 64 and summary["n_prompts"] < 500
+    assert len(notes) == 1, notes
+    assert f"running {summary['n_prompts']} prompts x 64 tokens, not the 500 x 1000 asked" in notes[0]
+    assert "context is 64 tokens" in notes[0] and f"only {summary['n_prompts']} windows" in notes[0]
+    assert main(argv[:-9] + ["--out", str(tmp_path / "again"), "--prompts", "6", "--seq-len", "32", "--n-boot", "40",
+                             "--groups", "slice", "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().err  # nothing reduced, nothing said
+
+
+def test_a_nonempty_out_is_refused_unless_overwrite_replaces_it(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_family_band_mass.png").write_bytes(b"an earlier run's figure")
+    argv = ["probe", str(tiny_dirs["kimi"]), "--text", str(tiny_dirs["text"]), "--out", str(out), *PROBE_FAST, "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "pass --overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["model_family_band_mass.png"]  # untouched
+    assert main(argv + ["--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model_family_band_mass.png" not in names and {"report.md", "summary.json", "figures"} <= names
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # a normal directory, not mkdtemp's private one

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -150,3 +151,82 @@ def test_checkpoint_layout_table_matches_the_loader(flavour):
     other = "cumulative" if flavour == "kimi" else "kimi"
     other_keys = set(key_map(AttnResConfig(flavour=other, n_layers=2, d_model=32, d_head=8), with_routers=True))
     assert set(table) == set(mapped) | other_keys  # the table lists both flavours' keys, nothing else
+
+
+def test_the_site_publishes_pages_and_figures_but_not_the_figure_script():
+    """``mkdocs build`` copies every file under docs/ unless excluded: make_figures.py must not
+    be published (checked on mkdocs' own file collection, as the build sees it)."""
+    mkdocs_config = pytest.importorskip("mkdocs.config")
+    from mkdocs.structure.files import get_files
+
+    config = mkdocs_config.load_config(str(DOCS.parent / "mkdocs.yml"))
+    published = {f.src_uri for f in get_files(config) if f.inclusion.is_included()}
+    assert (DOCS / "make_figures.py").is_file()
+    assert "make_figures.py" not in published
+    assert "concepts.md" in published and "figures/content_dependence.png" in published
+
+
+# ----------------------------------------------------------------------------- every code block runs
+ROOT = DOCS.parent
+PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md", ROOT / "DESCRIPTION.md"]
+#: In-page marker for a block that is not run, with its reason, on the line before the fence:
+#: ``<!-- docs-test: skip (reason) -->``.
+SKIP_MARKER = re.compile(r"<!-- docs-test: skip \((.+)\) -->")
+#: Pages whose blocks continue from names the page's prose introduces (pages this test does not
+#: own the wording of), and their blocks that are signatures rather than code.
+PAGE_SETUP = {
+    "attribution.md": (
+        "from attnres_lens import HookedAttnResTransformer, bundled\n"
+        "model = HookedAttnResTransformer.from_pretrained(bundled.model_path('attnres-cumulative-tiny'))\n"
+        "tokens = bundled.eval_tokens(model, n_prompts=24, seq_len=64)\n"
+    ),
+}
+SIGNATURES = {("attribution.md", 1)}
+
+
+def _python_blocks(page: Path) -> list[tuple[int, str, Optional[str]]]:
+    """(line, code, skip reason or None) of every ```python block of ``page``."""
+    blocks, lines, i = [], page.read_text().splitlines(), 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start, previous = i + 1, next((l for l in reversed(lines[:i]) if l.strip()), "")
+            end = next(j for j in range(start, len(lines)) if lines[j].strip() == "```")
+            marker = SKIP_MARKER.search(previous)
+            blocks.append((start + 1, "\n".join(lines[start:end]), marker.group(1) if marker else None))
+            i = end
+        i += 1
+    return blocks
+
+
+def test_the_block_collector_finds_blocks_and_markers(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("x\n```python\na = 1\n```\n<!-- docs-test: skip (needs the hub) -->\n```python\nb\n```\n")
+    assert _python_blocks(page) == [(3, "a = 1", None), (7, "b", "needs the hub")]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_python_block_runs(page, tmp_path, monkeypatch):
+    """Drift between the docs and the code fails here: the blocks of a page run in order, in one
+    namespace, in a temporary directory (files they write land there)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    exec(PAGE_SETUP.get(page.name, ""), namespace)
+    for index, (line, code, skip) in enumerate(_python_blocks(page)):
+        if skip is not None or (page.name, index) in SIGNATURES:
+            continue
+        exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+
+
+def test_the_label_example_in_interventions_md_is_what_the_code_says():
+    from attnres_lens import run_with_interventions
+    from attnres_lens.interventions import Slice, zero
+
+    text = " ".join((DOCS / "interventions.md").read_text().split())
+    for flavour in ("kimi", "cumulative"):
+        model = HookedAttnResTransformer(AttnResConfig(n_layers=4, n_blocks=2, d_model=32, d_head=8, flavour=flavour))
+        with pytest.raises(IndexError) as refused:
+            run_with_interventions(model, torch.zeros(1, 4, dtype=torch.long), [zero(Slice("blocks.2.mlp_router", 3))])
+        labels = re.findall(r"'([^']+)' \[", str(refused.value))
+        if flavour == "kimi":
+            assert f"IndexError: {refused.value}" in text
+        assert all(f"'{label}'" in text or f"`'{label}'`" in text for label in labels), labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -56,7 +57,9 @@ def test_qwen3_attnres_checkpoints_are_detected_and_match_the_spec(tmp_path, bas
     write_attnres_checkpoint(tmp_path, hf, flavour, n_blocks=n_blocks, mode=mode)
     model = HookedAttnResTransformer.from_pretrained(tmp_path)
     assert model.checkpoint_format == f"qwen3_attnres/{flavour}"
-    assert (model.cfg.flavour, model.cfg.routing_mode, model.cfg.n_blocks) == (flavour, mode, n_blocks)
+    n_layers = hf.config.num_hidden_layers
+    built = math.ceil(n_layers / max(1, math.ceil(n_layers / n_blocks)))  # 4 layers, 3 asked: 2 built
+    assert (model.cfg.flavour, model.cfg.routing_mode, model.cfg.n_blocks) == (flavour, mode, built)
     assert model.cfg.tie_word_embeddings == tied
     assert model.schedule.kind == "none"
     config, state = load_checkpoint_state(tmp_path)
@@ -464,3 +467,19 @@ def test_a_real_vocabulary_without_tokenizer_files_gets_no_byte_tokenizer(tmp_pa
 
 def test_a_byte_sized_vocabulary_keeps_the_byte_tokenizer(base):
     assert isinstance(HookedAttnResTransformer.from_pretrained(base, flavour="kimi").tokenizer, al.ByteTokenizer)
+
+
+# ---------------------------------------------------------------------------- file modes (issue K 16)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_saved_weights_have_the_mode_of_the_other_files(tmp_path, umask, shard):
+    import os
+
+    model = HookedAttnResTransformer(al.AttnResConfig(d_model=32, d_head=8, n_layers=2))
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path, max_shard_size=shard)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(modes) >= 2 and set(modes.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}

@@ -247,3 +247,61 @@ def test_fresh_attnres_models_start_with_zero_routers(arch):
         assert torch.all(router.norm.weight == 1)
         assert router.bias is None or float(router.bias.detach()) == 0.0
     assert any(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "router" not in n)
+
+
+# ----------------------------------------------------------------------------- output and memory (issue K 6, 8)
+def test_a_nonempty_out_is_refused_unless_overwrite_replaces_it(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000099").mkdir(parents=True)
+    (out / "checkpoints" / "step-000099" / "trainer_state.pt").write_bytes(b"an older run")
+    cfg = TrainConfig(**TINY, steps=2, eval_every=0, data=[str(corpus_dir)], out_dir=str(out))
+    with pytest.raises(TrainingError, match="is not empty.*--overwrite"):
+        train(cfg, progress=False)
+    assert (out / "checkpoints" / "step-000099" / "trainer_state.pt").read_bytes() == b"an older run"
+    train(cfg, progress=False, overwrite=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # the old run is gone
+
+
+def test_a_run_resumes_in_its_own_directory_but_overwrite_there_is_refused(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(**TINY, steps=2, save_every=1, eval_every=0, data=[str(corpus_dir)], out_dir=str(out))
+    train(cfg, progress=False)
+    with pytest.raises(TrainingError, match="holds the checkpoint being resumed"):
+        train(TrainConfig(**{**cfg.to_dict(), "steps": 2}), resume=out / "checkpoints" / "step-000001",
+              progress=False, overwrite=True)
+    assert (out / "checkpoints" / "step-000001" / "trainer_state.pt").is_file()
+    result = train(cfg, resume=out / "checkpoints" / "step-000001", progress=False)
+    assert len(result.history) == 2
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_reading_data(tmp_path, capsys):
+    from attnres_lens.training import activation_memory_bytes
+
+    missing = tmp_path / "no-such-data"
+    huge = TrainConfig(**{**TINY, "seq_len": 10**8, "batch_size": 1}, data=[str(missing)], out_dir=str(tmp_path / "o"))
+    assert activation_memory_bytes(huge, 256) > 100 * 2**30
+    assert activation_memory_bytes(TrainConfig(), 256) < 2**30  # the defaults are far from it
+    with pytest.raises(TrainingError, match=r"needs about .* GiB .*--skip-memory-check"):
+        train(huge, progress=False)
+    with pytest.raises(TrainingError) as skipped:  # the override reaches the data, which is missing
+        train(huge, progress=False, check_memory=False)
+    assert "no-such-data" in str(skipped.value) and "GiB" not in str(skipped.value)
+    assert main(["train", *TINY_FLAGS[:-10], "--seq-len", "100000000", "--batch-size", "1",
+                 "--out", str(tmp_path / "cli"), "--quiet"]) == 1
+    assert "--skip-memory-check" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_qwen3_baseline_weights_have_the_mode_of_the_other_files(tmp_path):
+    import os
+
+    from attnres_lens.training import build_model, load_tokenizer, save_model
+
+    model = build_model(TrainConfig(**TINY, arch="qwen3", out_dir=str(tmp_path)), load_tokenizer(None))
+    previous = os.umask(0o022)
+    try:
+        save_model(model, tmp_path / "base")
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "base").iterdir()}
+    assert modes["model.safetensors"] == oct(0o644) == modes["config.json"], modes
