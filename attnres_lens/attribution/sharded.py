@@ -33,7 +33,8 @@ from ..serialize import jsonable
 if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
 
-#: At most this many units per work item (more items: finer checkpoints, better balance).
+#: With a checkpoint directory, at most this many units per work item (finer checkpoints, at
+#: the price of one clean pass per item).
 MAX_UNITS_PER_ITEM = 32
 
 
@@ -49,9 +50,16 @@ def record_key(batch: int, unit: int) -> str:
     return f"{batch}:{unit}"
 
 
-def plan_items(n_batches: int, n_units: int, world_size: int, done: set[str]) -> list[WorkItem]:
+def n_chunks_for(n_units: int, world_size: int, checkpointed: bool) -> int:
+    """Chunks of units per batch: one per rank (each item costs a clean pass); with a
+    checkpoint directory, at least 4 per rank and at most :data:`MAX_UNITS_PER_ITEM` units each."""
+    if not checkpointed:
+        return max(1, min(n_units, world_size))
+    return max(1, min(n_units, max(4 * world_size, math.ceil(n_units / MAX_UNITS_PER_ITEM))))
+
+
+def plan_items(n_batches: int, n_units: int, n_chunks: int, done: set[str]) -> list[WorkItem]:
     """The work items still to do, in an order every rank agrees on."""
-    n_chunks = min(n_units, max(4 * world_size, math.ceil(n_units / MAX_UNITS_PER_ITEM)))
     items = []
     for batch in range(n_batches):
         for chunk in range(n_chunks):
@@ -98,7 +106,8 @@ def sharded_sweep(
     store = _open_store(checkpoint_dir, manifest, where)
     records = store.load().records if store is not None else {}
     distributed.barrier()  # every rank has read the same records before any rank writes more
-    items = plan_items(len(batches), len(units), where.world_size, set(records))
+    n_chunks = n_chunks_for(len(units), where.world_size, store is not None)
+    items = plan_items(len(batches), len(units), n_chunks, set(records))
     offsets = np.cumsum([0] + [int(b.shape[0]) for b in batches])
     mine = [item for index, item in enumerate(items) if where.owns(index)]
     computed: list[dict] = []
@@ -182,4 +191,4 @@ def _batch_result(records: Mapping[str, dict], batch: int, units: list[SweepUnit
     return SweepResult(table, units, undefined)
 
 
-__all__ = ["MAX_UNITS_PER_ITEM", "WorkItem", "plan_items", "record_key", "sharded_sweep", "sweep_manifest"]
+__all__ = ["MAX_UNITS_PER_ITEM", "WorkItem", "n_chunks_for", "plan_items", "record_key", "sharded_sweep", "sweep_manifest"]
