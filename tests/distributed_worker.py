@@ -4,7 +4,7 @@ Run as a script (under ``torchrun`` or alone) it computes :func:`results` on a t
 model and rank 0 writes them as JSON to the path given; imported, the tests call
 :func:`results` in process for the single-process reference.
 
-    python tests/distributed_worker.py OUT.json [--checkpoint DIR]
+    python tests/distributed_worker.py OUT.json [--checkpoint DIR] [--probe PROBE ARGUMENTS...]
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def main() -> None:
     distributed.init_from_env()
     checkpoint = sys.argv[sys.argv.index("--checkpoint") + 1] if "--checkpoint" in sys.argv else None
     values = results(checkpoint)
+    if "--probe" in sys.argv:  # then the command line, under the same process group
+        from attnres_lens.cli import main as cli
+
+        assert cli(["probe", *sys.argv[sys.argv.index("--probe") + 1 :]]) == 0
     if distributed.is_writer():
         Path(sys.argv[1]).write_text(json.dumps({"world_size": distributed.ranks().world_size, **values}))
         print("done", flush=True)

@@ -63,15 +63,36 @@ def _records(directory: Path) -> list[dict]:
     return [json.loads(line)["record"] for line in lines]
 
 
-def test_world_size_2_under_torchrun_equals_one_process(reference, tmp_path):
+def _probe_arguments(tmp_path: Path, out: Path) -> list[str]:
+    """``probe`` on a tiny saved checkpoint (the worker's model) and a text file."""
+    checkpoint, text = tmp_path / "model", tmp_path / "text.txt"
+    if not checkpoint.exists():
+        distributed_worker.workload()[0].save_pretrained(checkpoint)
+        text.write_text("".join(f"line {i}: x = {i * 7 % 13}\n" for i in range(60)))
+    return [str(checkpoint), "--text", str(text), "--out", str(out), "--prompts", "5", "--seq-len", "12",
+            "--n-boot", "40", "--groups", "slice", "--quiet"]
+
+
+def test_world_size_2_under_torchrun_equals_one_process(reference, tmp_path, capsys):
+    from attnres_lens.cli import main
+
     out = tmp_path / "out.json"
-    run = subprocess.run(_torchrun(2, str(WORKER), str(out), "--checkpoint", str(tmp_path / "ckpt")),
+    probe = _probe_arguments(tmp_path, tmp_path / "probe-2")
+    run = subprocess.run(_torchrun(2, str(WORKER), str(out), "--checkpoint", str(tmp_path / "ckpt"), "--probe", *probe),
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["world_size"] == 2
     assert_same(got, reference)
     assert run.stdout.count("done") == 1  # rank 0 alone reports
+    # attnres-lens probe under torchrun: rank 0 alone prints and writes the same report as one process
+    assert run.stdout.count("content dependence (max router)") == 1
+    assert main(["probe", *_probe_arguments(tmp_path, tmp_path / "probe-1")]) == 0
+    tables = [json.loads((tmp_path / name / "summary.json").read_text())["models"]["model"]["groups"]["slice"]["table"]
+              for name in ("probe-1", "probe-2")]
+    for column in ("mass", "effect", "effect_low", "effect_high"):
+        np.testing.assert_allclose([row[column] for row in tables[1]], [row[column] for row in tables[0]], atol=1e-6)
+    assert not (tmp_path / "probe-2.checkpoints").exists()  # the records served; the report is complete
     for sweep, n_records in (("slice", 3 * len(reference["names"])), ("family", len(reference["family_effect_per_prompt"]))):
         files = sorted(p.name for p in (tmp_path / "ckpt" / sweep).glob("records-*.jsonl"))
         assert [name.split("-")[1] for name in files] == ["r0", "r1"], files  # both ranks worked, one file each
