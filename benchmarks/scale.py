@@ -8,7 +8,8 @@ each flavour, writes it with ``model.save_pretrained`` to a temporary directory 
 process per flavour, reports: load time and peak memory (``VmHWM`` growth); forward time of
 ``--forward-batch`` x ``--forward-len`` tokens; the exact sweep on ``--prompts`` x
 ``--seq-len`` tokens for a strided sample of ``--units`` units (``run_sweep(unit_indices=)``),
-giving the clean-pass and mean per-unit cost, extrapolated to the full probe (every unit,
+giving the clean-pass cost (a sweep of the last unit alone, whose suffix is the readout) and
+the mean per-unit cost, extrapolated to the full probe (every unit,
 ``--full-prompts`` prompts) as ``batches x (clean + n_units x mean unit cost)``; and the
 sweep's peak memory with the default ``max_batch_tokens`` and with one unit per forward.
 fp32 on CPU, bf16 with ``--device cuda``.
@@ -116,9 +117,10 @@ def measure_shape(args: argparse.Namespace) -> dict:
     units = sweep_units(model, "slice")
     sample = list(range(0, len(units), max(1, len(units) // args.units)))[: args.units]
     prompts = torch.randint(0, model.cfg.d_vocab, (args.prompts, args.seq_len), generator=generator).to(device)
-    out.update(n_units=len(units), sampled_units=[units[i].label for i in sample])
-    # the clean pass alone (no unit), then the sample, by default budget and one unit per forward
-    for name, kwargs in (("clean", dict(unit_indices=[])), ("sample", dict(unit_indices=sample)),
+    out.update(n_units=len(units), sampled_units=[f"{units[i].keys()['router']}:{units[i].label}" for i in sample])
+    # the clean pass (a sweep of the last unit alone: the final router, whose suffix is the
+    # readout), then the sample, with the default budget and with one unit per forward
+    for name, kwargs in (("clean", dict(unit_indices=[len(units) - 1])), ("sample", dict(unit_indices=sample)),
                          ("sample_one_per_forward", dict(unit_indices=sample, max_batch_tokens=prompts.numel()))):
         base = _reset(device)
         clock = time.perf_counter()
@@ -147,7 +149,7 @@ def cmd_shape(args: argparse.Namespace) -> None:
             command = [sys.executable, __file__, "_measure", directory, flavour, "--device", args.device]
             for option in ("prompts", "seq_len", "units", "full_prompts", "forward_batch", "forward_len", "threads"):
                 command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-            run = subprocess.run(command, check=True, capture_output=True, text=True)
+            run = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
             results.append(json.loads(run.stdout.strip().splitlines()[-1]))
             shutil_rmtree(directory)
     for r in results:
