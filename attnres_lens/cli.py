@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -489,7 +490,9 @@ def _add_probe(sub: Any) -> None:
             "Run the paper's protocol on one checkpoint: verify_schedule (wrapped models), "
             "routing content dependence, and mass_vs_effect per slice and per family x sublayer "
             "x depth band, on windows of the given text files. Writes report.md, summary.json "
-            "and PNG figures into --out."
+            "and PNG figures into --out, once every unit is measured. Until then, finished units "
+            "are recorded in DIR.checkpoints/ next to it: rerunning the same command resumes. "
+            "Runs sharded under torchrun (docs/scale.md)."
         ),
         formatter_class=_Formatter,
     )
@@ -576,6 +579,38 @@ def _finish(result: Any, args: argparse.Namespace, wall: float) -> None:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    started_group = not distributed.is_active() and distributed.init_from_env()
+    try:
+        if distributed.is_active():
+            _as_rank(args, distributed)
+        return _probe(args, distributed)
+    finally:
+        if started_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _as_rank(args: argparse.Namespace, distributed: Any) -> None:
+    """Under ``torchrun``: each rank on its own GPU (``--device cuda`` or ``auto``); ranks other
+    than 0 print nothing but errors."""
+    if args.device == "auto" or args.device.startswith("cuda"):
+        args.device = str(distributed.rank_device())
+    if not distributed.is_writer():
+        args.quiet = True
+        warnings.simplefilter("ignore")
+
+
+def _checkpoint_dir(out: str) -> Path:
+    """Where ``probe --out DIR`` records finished units until the report is written."""
+    path = Path(out)
+    return path.with_name(path.name + ".checkpoints")
+
+
+def _probe(args: argparse.Namespace, distributed: Any) -> int:
+    import shutil
     import time
 
     from .bundled import text_windows
@@ -609,9 +644,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         command="attnres-lens probe",
         data={"source": ", ".join(args.text)},
         title=f"Routing probe: {args.source}",
+        checkpoint_dir=_checkpoint_dir(args.out),
         **_protocol_kwargs(args),
     )
-    _finish(result, args, time.perf_counter() - t0)
+    if distributed.is_writer():  # the report is complete: the unit records have served
+        shutil.rmtree(_checkpoint_dir(args.out), ignore_errors=True)
+        _finish(result, args, time.perf_counter() - t0)
     return 0
 
 

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
 from .depth_patching import get_act_patch_depth_state
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
@@ -307,6 +308,7 @@ def sweep_sources(
     factor: Optional[float] = None,
     seed: int = 0,
     routers: Optional[Sequence[str]] = None,
+    checkpoint_dir: Any = None,
 ) -> pd.DataFrame:
     """Intervene on each depth-source slice (or family, or group) in turn and measure the effect.
 
@@ -340,6 +342,10 @@ def sweep_sources(
         factor: the factor of ``mode="scale"``.
         seed: the resampling seed.
         routers: restrict ``"slice"``/``"family"`` sweeps to these routers.
+        checkpoint_dir: record every finished row there and, on a rerun with the same model,
+            tokens and arguments, recompute only the missing rows (``docs/scale.md``). Under an
+            initialised ``torch.distributed`` process group (``torchrun``) the rows are shared
+            across the ranks and gathered, with or without it.
 
     Returns:
         A DataFrame with one row per slice or group and columns ``router, layer, sublayer,
@@ -357,6 +363,15 @@ def sweep_sources(
         ``df.attrs`` holds ``metric_clean_per_prompt``, ``mode``, ``target``, ``metric`` and
         ``engine``.
     """
+    if checkpoint_dir is not None or distributed.is_active():
+        from .attribution.sharded import sharded_sweep  # attribution builds on this module
+
+        sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
+                            bands=bands, reference=reference, max_batch_tokens=max_batch_tokens, target=target,
+                            factor=factor, seed=seed, routers=routers)
+        (result,) = sharded_sweep(model, [model.validate_tokens(tokens)], metric=Metric.resolve(metric),
+                                  sweep_kwargs=sweep_kwargs, checkpoint_dir=checkpoint_dir, progress=progress)
+        return result.table
     return run_sweep(
         model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
         batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
@@ -396,8 +411,12 @@ class SweepSettings:
 
 
 def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"], **kwargs: Any) -> SweepResult:
-    """:func:`sweep_sources` (same arguments), returning the table together with its units."""
+    """:func:`sweep_sources` (same arguments), returning the table together with its units.
+
+    ``unit_indices=[i, ...]`` sweeps only those rows of the full sweep (in that order): the
+    work items of a sharded or resumed sweep (:mod:`attnres_lens.attribution.sharded`)."""
     groups, bands, routers = kwargs.pop("groups", "slice"), kwargs.pop("bands", None), kwargs.pop("routers", None)
+    unit_indices = kwargs.pop("unit_indices", None)
     reference = kwargs.pop("reference", None)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
@@ -405,6 +424,8 @@ def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"],
     settings = _sweep_settings(tokens, **kwargs)
     _check_resample_batches(settings, tokens.shape[0], reference)
     units = sweep_units(model, groups, bands, routers)
+    if unit_indices is not None:
+        units = [units[i] for i in unit_indices]
     reference_values = _reference_values(model, settings, reference, tokens, units)
     undefined = _undefined_units(model, settings, units, reference_values)
     clean, mass, ablated = _measure(model, tokens, settings, units, undefined, reference_values)

@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from . import distributed
 from .outputs import check_output_dir, staged_output_dir
 from .serialize import jsonable
 
@@ -251,6 +252,7 @@ def run_protocol(
     title: str = "Block AttnRes routing: mass vs causal effect",
     intro: str = "",
     overwrite: bool = False,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
 ) -> ProtocolResult:
     """Measure every subject on ``tokens`` and write the report into ``out_dir``.
 
@@ -264,6 +266,11 @@ def run_protocol(
     ``out_dir`` must not exist or be empty unless ``overwrite=True``, which replaces it. The run
     writes into a temporary directory beside it that takes its place only when everything
     succeeded, so a failed run leaves nothing behind and never mixes with an earlier run.
+
+    With ``checkpoint_dir``, every finished sweep unit is recorded there (one store per model
+    and grouping) and a rerun with the same models, tokens and arguments recomputes only what
+    is missing. Under ``torchrun`` the sweeps are shared across the ranks; rank 0 alone writes
+    ``out_dir``, and only once every unit is present (``docs/scale.md``).
     """
     from tqdm.auto import tqdm
 
@@ -273,36 +280,47 @@ def run_protocol(
     _check_subjects(subjects, settings)
     check_output_dir(out_dir, overwrite=overwrite)
     t_start = time.perf_counter()
-    n_steps = len(subjects) * (2 + 2 * len(settings.groups)) + 1
+    writer = distributed.is_writer()
+    progress = progress and writer
+    n_steps = len(subjects) * (2 + len(settings.groups)) + 1
     summary = _new_summary(settings, tokens, command, data)
     reports: dict[str, dict[str, Any]] = {}
-    with staged_output_dir(out_dir, overwrite=overwrite) as staging, tqdm(
-        total=n_steps, disable=not progress, desc="attnres-lens", unit="step", leave=False
-    ) as bar:
+    with tqdm(total=n_steps, disable=not progress, desc="attnres-lens", unit="step", leave=False) as bar:
 
         def advance(text: str) -> None:
             bar.set_postfix_str(text, refresh=False)
             bar.update(1)
 
-        fig_dir = staging / "figures"
-        fig_dir.mkdir()
         for subject in subjects:
             bar.set_description(subject.name)
-            entry, reports[subject.name] = _measure_subject(subject, tokens, settings, fig_dir, advance)
+            checkpoints = None if checkpoint_dir is None else Path(checkpoint_dir) / subject.name
+            entry, reports[subject.name] = _measure_subject(subject, tokens, settings, advance, checkpoints)
             summary["models"][subject.name] = jsonable(entry)
             summary["figures"] += [path for group in entry["groups"].values() for path in group["figures"].values()]
             for report in reports[subject.name].values():
                 if summary["settings"]["bands"] is None:
                     summary["settings"]["bands"] = report.settings.get("bands")
-
-        _plot_content_dependence(summary, fig_dir / "content_dependence.png")
         summary["figures"].append("figures/content_dependence.png")
         summary["comparison"] = _comparison(summary)
         advance("report")
-        summary["wall_s"] = time.perf_counter() - t_start
-        (staging / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
-        (staging / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
+    summary["wall_s"] = time.perf_counter() - t_start
+    if writer:  # every unit is present by now: the report is complete, and lands whole or not at all
+        with staged_output_dir(out_dir, overwrite=overwrite) as staging:
+            _write_report(staging, summary, reports, title=title, intro=intro)
+    distributed.barrier()
     return ProtocolResult(summary=summary, reports=reports, out_dir=Path(out_dir).expanduser())
+
+
+def _write_report(out: Path, summary: dict, reports: dict, *, title: str, intro: str) -> None:
+    """``figures/``, ``summary.json`` and ``report.md`` into ``out``."""
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for name, model_reports in reports.items():
+        for grouping, report in model_reports.items():
+            _write_report_figures(report, fig_dir, f"{name}_{grouping}")
+    _plot_content_dependence(summary, fig_dir / "content_dependence.png")
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
+    (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
 
 
 def _check_subjects(subjects: Sequence[Subject], settings: ProtocolSettings) -> None:
@@ -334,10 +352,14 @@ def _new_summary(settings: ProtocolSettings, tokens: Tensor, command: str, data:
 
 
 def _measure_subject(
-    subject: Subject, tokens: Tensor, settings: ProtocolSettings, fig_dir: Path, advance: Callable[[str], None]
+    subject: Subject,
+    tokens: Tensor,
+    settings: ProtocolSettings,
+    advance: Callable[[str], None],
+    checkpoint_dir: Optional[Path] = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One model's entry of ``summary.json`` (keys in :data:`MODEL_FIELDS`) and its
-    :class:`MassEffectReport` per grouping; figures are written into ``fig_dir``."""
+    :class:`MassEffectReport` per grouping (figures are named, not yet written)."""
     from .attribution import mass_vs_effect
     from .schedule import verify_schedule
 
@@ -354,11 +376,13 @@ def _measure_subject(
     for grouping in settings.groups:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "rough CIs" for few prompts: said in the report
-            report = mass_vs_effect(model, model_tokens, groups=grouping, **settings.mass_vs_effect_options())
+            report = mass_vs_effect(
+                model, model_tokens, groups=grouping, **settings.mass_vs_effect_options(),
+                checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / grouping,
+            )
         advance(f"mass vs effect ({grouping})")
         reports[grouping] = report
-        figures = _write_report_figures(report, fig_dir, f"{subject.name}_{grouping}")
-        advance(f"figures ({grouping})")
+        figures = _report_figure_names(f"{subject.name}_{grouping}")
         entry["groups"][grouping] = _group_entry(report, figures)
     entry.update(_routing_entry(next(iter(reports.values())).routing))
     return entry, reports
@@ -386,15 +410,19 @@ def _model_facts(subject: Subject) -> dict[str, Any]:
     }
 
 
-def _write_report_figures(report: Any, fig_dir: Path, stem: str) -> dict[str, str]:
-    """The mass and effect heatmaps and the scatter of one report; kind -> relative path."""
-    figures = {}
+_FIGURE_KINDS = ("mass", "effect", "scatter")
+
+
+def _report_figure_names(stem: str) -> dict[str, str]:
+    """kind -> the path, relative to the report, of one report's figures."""
+    return {kind: f"figures/{stem}_{kind}.png" for kind in _FIGURE_KINDS}
+
+
+def _write_report_figures(report: Any, fig_dir: Path, stem: str) -> None:
+    """The mass and effect heatmaps and the scatter of one report."""
     plots = {"mass": report.plot_mass_heatmap, "effect": report.plot_effect_heatmap, "scatter": report.plot_scatter}
-    for kind, plot in plots.items():
-        path = fig_dir / f"{stem}_{kind}.png"
-        plot(str(path))
-        figures[kind] = f"figures/{path.name}"
-    return figures
+    for kind in _FIGURE_KINDS:
+        plots[kind](str(fig_dir / f"{stem}_{kind}.png"))
 
 
 def _group_entry(report: Any, figures: dict[str, str]) -> dict[str, Any]:

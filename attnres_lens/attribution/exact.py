@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .. import distributed
 from ..metrics import Metric
 from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
+from .sharded import sharded_sweep
 
 if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
@@ -29,11 +32,21 @@ def sweep_batches(
     engine: str,
     bands: Optional[Mapping[str, tuple[int, ...]]],
     progress: bool,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
 ) -> SweepResult:
     """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
     concatenated across batches and the means recomputed over all prompts. Rows whose
     intervention is undefined come back NaN and listed in ``undefined`` (no warning: the
-    caller reports them)."""
+    caller reports them).
+
+    Under an initialised process group (``torchrun``) the (batch x unit) work is shared across
+    the ranks and gathered; with ``checkpoint_dir`` every finished unit is recorded there and a
+    rerun recomputes only what is missing (:mod:`.sharded`)."""
+    if checkpoint_dir is not None or distributed.is_active():
+        sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
+                            bands=bands if isinstance(groups, str) and groups == "family_band" else None)
+        return join_batches(sharded_sweep(model, batches, metric=metric, sweep_kwargs=sweep_kwargs,
+                                          checkpoint_dir=checkpoint_dir, progress=progress))
     results = []
     offset = 0
     for batch in batches:
@@ -47,6 +60,11 @@ def sweep_batches(
                 progress=progress,
             ))
         offset += n_prompts
+    return join_batches(results)
+
+
+def join_batches(results: list[SweepResult]) -> SweepResult:
+    """The sweeps of several batches as one: per-prompt arrays concatenated, means over all prompts."""
     table = _concatenated(results[0].table, [result.table for result in results])
     return SweepResult(table, results[0].units, results[0].undefined)
 
@@ -71,4 +89,4 @@ def _concatenated(first: pd.DataFrame, tables: list[pd.DataFrame]) -> pd.DataFra
     return out
 
 
-__all__ = ["sweep_batches"]
+__all__ = ["join_batches", "sweep_batches"]

@@ -97,6 +97,7 @@ def mass_vs_effect(
     gradient: bool = True,
     progress: bool = False,
     top_k: int = 5,
+    checkpoint_dir: Any = None,
 ) -> MassEffectReport:
     """Compare routing mass with causal effect, slice by slice (or group by group).
 
@@ -123,6 +124,12 @@ def mass_vs_effect(
     and one backward per batch) and compares it with the exact effect. The same pass feeds
     :func:`routing_statistics` (``report.routing``).
 
+    With ``checkpoint_dir``, every finished sweep unit is recorded there and a rerun with the
+    same model, tokens and arguments recomputes only what is missing; under an initialised
+    ``torch.distributed`` process group (``torchrun``) the sweep and the routing statistics are
+    shared across the ranks and gathered, and every rank returns the same report
+    (``docs/scale.md``).
+
     Raises ``ValueError`` for an empty dataset, too few prompts for a bootstrap (at least
     :func:`min_prompts_for_bootstrap` ``(confidence)``, 4 at 95%), groups naming unknown
     families or bands, and a metric that is not finite for some slice (named).
@@ -141,6 +148,7 @@ def mass_vs_effect(
     result = sweep_batches(
         model, batches, mode=mode, metric=resolved_metric, groups=_sweep_groups(model, groups, resolved_bands),
         positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
+        checkpoint_dir=checkpoint_dir,
     )
     rows, undefined_names = _defined_rows(result, resolved_bands, mode)
     check_finite(rows.sweep)

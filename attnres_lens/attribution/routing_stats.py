@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import distributed
 from ..names import SUBLAYERS
 from ..router import FAMILIES, RouterSpec
 from ..selection import BandsLike, band_of, resolve_bands
@@ -286,15 +287,19 @@ def routing_statistics(
 def accumulate_routing(
     model: "HookedAttnResTransformer", batches: list[Tensor], batch_size: Optional[int], acc: "RoutingAccumulator"
 ) -> None:
-    """One no-grad forward per chunk, feeding every router's weights to ``acc``."""
+    """One no-grad forward per chunk, feeding every router's weights to ``acc`` in order (under
+    a process group the chunks are shared across the ranks and the weights gathered)."""
+    chunks = [chunk for batch in batches for chunk in split_batch(batch, batch_size)]
+    for weights in distributed.ordered_map(lambda chunk: _routing_weights(model, chunk), chunks):
+        acc.update(weights)
+
+
+def _routing_weights(model: "HookedAttnResTransformer", chunk: Tensor) -> dict[str, Tensor]:
+    """Every router's weights on ``chunk`` (on the CPU, to travel between ranks)."""
     store: dict[str, Tensor] = {}
-    hooks = capture_weights_hooks(model, store)
     with torch.no_grad():
-        for batch in batches:
-            for chunk in split_batch(batch, batch_size):
-                store.clear()
-                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
-                acc.update(store)
+        model.run_with_hooks(chunk, return_type=None, fwd_hooks=capture_weights_hooks(model, store))
+    return {name: weights.detach().cpu() for name, weights in store.items()}
 
 
 
