@@ -506,7 +506,8 @@ def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _finish(result: Any, args: argparse.Namespace, wall: float) -> None:
     print(result.table())
     if not args.quiet:
-        print(f"\nreport: {result.out_dir / 'report.md'}  (summary.json and figures/ alongside); {wall:.0f}s")
+        html = "report.html, " if (result.out_dir / "report.html").is_file() else ""
+        print(f"\nreport: {result.out_dir / 'report.md'}  ({html}summary.json and figures/ alongside); {wall:.0f}s")
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -105,3 +105,15 @@ def test_unknown_backend_and_bad_plotly_path_fail_clearly(report, cumulative, tm
     with pytest.raises(ValueError, match="draws one router"):
         plot_token_routing(cumulative, "abc", "all", backend="plotly")
     assert not list(tmp_path.iterdir())
+
+
+def test_run_protocol_without_plotly_says_report_html_needs_the_viz_extra(cumulative, tmp_path, monkeypatch):
+    from attnres_lens.protocol import Subject, run_protocol
+
+    monkeypatch.setitem(__import__("sys").modules, "plotly", None)  # as if plotly were not installed
+    tokens = torch.randint(1, 250, (6, 8), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match=r"report.html not written: it needs plotly \(pip install 'attnres_lens\[viz\]'\)"):
+        run_protocol([Subject("tiny", cumulative)], tokens, tmp_path / "out", groups=("family",), n_boot=40,
+                     progress=False)
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"report.md", "summary.json", "figures"} <= written and "report.html" not in written
