@@ -575,7 +575,8 @@ def _size_note(asked_prompts: int, asked_seq_len: int, prompts: int, seq_len: in
 def _finish(result: Any, args: argparse.Namespace, wall: float) -> None:
     print(result.table())
     if not args.quiet:
-        print(f"\nreport: {result.out_dir / 'report.md'}  (summary.json and figures/ alongside); {wall:.0f}s")
+        html = "report.html, " if (result.out_dir / "report.html").is_file() else ""
+        print(f"\nreport: {result.out_dir / 'report.md'}  ({html}summary.json and figures/ alongside); {wall:.0f}s")
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ schedule against an AttnRes model whose routing was trained, under identical int
 - ``summary.json``: the same numbers, machine-readable (fields in :data:`SUMMARY_FIELDS` and
   :data:`MODEL_FIELDS`);
 - ``figures/*.png``: per model and grouping, mass and effect heatmaps and the mass-vs-effect
-  scatter, plus ``content_dependence.png`` comparing the models router by router.
+  scatter, plus ``content_dependence.png`` comparing the models router by router;
+- ``report.html``: every model and grouping with interactive (plotly) figures and the tables,
+  self-contained (opens offline); written when plotly is installed (the ``viz`` extra).
 
 ``attnres-lens demo`` runs it on the bundled models, ``attnres-lens probe`` on any checkpoint.
 """
@@ -312,7 +314,7 @@ def run_protocol(
 
 
 def _write_report(out: Path, summary: dict, reports: dict, *, title: str, intro: str) -> None:
-    """``figures/``, ``summary.json`` and ``report.md`` into ``out``."""
+    """``figures/``, ``summary.json``, ``report.md`` and ``report.html`` into ``out``."""
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     for name, model_reports in reports.items():
@@ -321,6 +323,22 @@ def _write_report(out: Path, summary: dict, reports: dict, *, title: str, intro:
     _plot_content_dependence(summary, fig_dir / "content_dependence.png")
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
     (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
+    _write_html_report(reports, out / "report.html", title=title, intro=intro)
+
+
+def _write_html_report(reports: dict, path: Path, *, title: str, intro: str) -> None:
+    """``report.html``: every (model, grouping) report with its interactive figures, one page
+    (:func:`attnres_lens.viz.write_html_report`). Needs plotly (the ``viz`` extra); without it
+    the page is skipped with a warning naming the install command."""
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        warnings.warn("report.html not written: it needs plotly (pip install 'attnres_lens[viz]')", stacklevel=3)
+        return
+    from .viz import write_html_report
+
+    pages = {f"{name} \u00b7 {group}": report for name, groups in reports.items() for group, report in groups.items()}
+    write_html_report(pages, path, title=title, intro=intro)
 
 
 def _check_subjects(subjects: Sequence[Subject], settings: ProtocolSettings) -> None:
@@ -584,6 +602,7 @@ def _files_section() -> list[str]:
         + ", ".join(f"`{k}`" for k in GROUP_FIELDS)
         + ".",
         "- `figures/`: the PNGs embedded above.",
+        "- `report.html`: the same reports with interactive figures (hover any cell), self-contained.",
         "",
     ]
 

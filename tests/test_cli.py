@@ -92,6 +92,22 @@ def test_probe_end_to_end_on_a_tiny_checkpoint(tiny_dirs, tmp_path, capsys):
     assert "- tokenizer: byte-level (built in)" in (out / "report.md").read_text()
     for fig in summary["figures"]:
         assert (out / fig).stat().st_size > 1000
+    _assert_html_report(out, summary)
+
+
+def _assert_html_report(out, summary):
+    """report.html: one section per (model, grouping), each with its interactive figures, plotly.js
+    embedded once and nothing fetched from the network."""
+    pytest.importorskip("plotly")
+    page = (out / "report.html").read_text()
+    assert page.count("<script src=") == 0 and page.count("Plotly.newPlot") >= 2 * sum(
+        len(entry["groups"]) for entry in summary["models"].values()
+    )
+    for name, entry in summary["models"].items():
+        for group in entry["groups"]:
+            slug = "".join(ch if ch.isalnum() else "-" for ch in f"{name} \u00b7 {group}")
+            assert f'<h2 id="{slug}">' in page and f'id="{slug}-figure-1"' in page, slug
+    assert page.count("plotly.js v") == 1  # embedded once: opens offline by double-click
 
 
 def test_probe_wrapped_vanilla_checks_its_schedule(tiny_dirs, tmp_path, capsys):
@@ -178,7 +194,8 @@ def test_demo_writes_the_promised_report(tmp_path, capsys):
     report = (out / "report.md").read_text()
     for fig in summary["figures"]:
         assert (out / fig).is_file() and fig in report
-    assert "summary.json" in report and "verify_schedule" in report
+    assert "summary.json" in report and "verify_schedule" in report and "report.html" in report
+    _assert_html_report(out, summary)
 
 
 # ----------------------------------------------------------------------------- messages (issue K)

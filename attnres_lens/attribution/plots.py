@@ -27,11 +27,22 @@ FAMILY_COLOURS = {"embedding": "#1f77b4", "current": "#ff7f0e", "history": "#2ca
 SUBLAYER_MARKERS = {"attn": "o", "mlp": "s", "final": "^"}
 
 
-def new_figure(width: float, height: float) -> "Figure":
-    # The object-oriented API: no pyplot state, works under any backend (PNG through Agg).
-    from matplotlib.figure import Figure
+#: The plotting backends of ``MassEffectReport.plot_*`` and :func:`plot_token_routing`.
+BACKENDS = ("matplotlib", "plotly")
 
-    return Figure(figsize=(width, height), layout="constrained")
+
+def check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def new_figure(width: float, height: float) -> "Figure":
+    """A figure that displays itself as a PNG in Jupyter and VS Code (``_repr_png_``), with no
+    ``%matplotlib`` magic and no pyplot state (the object API works under any backend)."""
+    from .display_figure import DisplayFigure
+
+    return DisplayFigure(figsize=(width, height), layout="constrained")
 
 
 def axis_scale(values: Any, scale: str, argument: str = "scale") -> tuple[str, float]:
@@ -53,6 +64,23 @@ def axis_scale(values: Any, scale: str, argument: str = "scale") -> tuple[str, f
 def save_figure(fig: "Figure", path: Optional[str]) -> "Figure":
     if path is not None:
         fig.savefig(path, dpi=130)
+    return fig
+
+
+def check_plotly_path(path: Any) -> None:
+    """A plotly figure is saved as a self-contained ``.html`` page; anything else is an error
+    (static images: ``backend="matplotlib"``)."""
+    if path is not None and not str(path).lower().endswith((".html", ".htm")):
+        raise ValueError(
+            f"with backend='plotly', path must end in .html (an interactive page), got {str(path)!r}; "
+            "use backend='matplotlib' for PNG, PDF or SVG"
+        )
+
+
+def save_plotly(fig: Any, path: Any) -> Any:
+    """Write ``fig`` to ``path`` (``.html``, plotly.js embedded: opens offline) when given."""
+    if path is not None:
+        fig.write_html(str(path), include_plotlyjs=True, full_html=True)
     return fig
 
 
@@ -318,14 +346,26 @@ def plot_token_routing(
     *,
     path: Optional[str] = None,
     max_tokens: int = 64,
-) -> "Figure":
+    backend: str = "matplotlib",
+) -> Any:
     """Routing weights of one prompt, token by token: for each chosen router, a sources x
     positions heatmap of alpha (labels from ``source_table()``, tokens on the x axis).
 
     ``router``: a router name (``"blocks.3.mlp_router"``, ``"final_router"``), a
     ``(layer, "attn"|"mlp")`` pair, ``"final"``, a list of those, ``"all"``, or ``None`` (the
     final router in kimi models, the last MLP router in cumulative ones). Only the first
-    ``max_tokens`` positions are drawn."""
+    ``max_tokens`` positions are drawn.
+
+    ``backend``: ``"matplotlib"`` (a figure that displays inline as a PNG; ``path`` any format
+    matplotlib writes) or ``"plotly"`` (:func:`attnres_lens.viz.plot_token_routing`: one router,
+    hover for every cell; ``path`` an ``.html`` page)."""
+    if check_backend(backend) == "plotly":
+        check_plotly_path(path)
+        if isinstance(router, list) or router == "all":
+            raise ValueError(f"backend='plotly' draws one router; got router={router!r}")
+        from ..viz import plot_token_routing as plotly_token_routing
+
+        return save_plotly(plotly_token_routing(model, text_or_tokens, router, max_tokens=max_tokens), path)
     if isinstance(text_or_tokens, str):
         tokens = model.to_tokens(text_or_tokens)
     elif isinstance(text_or_tokens, Tensor):
@@ -380,4 +420,15 @@ def routers_to_plot(model: "HookedAttnResTransformer", router: Any) -> list[str]
     return out
 
 
-__all__ = ["gradient_scatter", "heatmap", "new_figure", "plot_token_routing", "save_figure", "scatter"]
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "check_plotly_path",
+    "gradient_scatter",
+    "heatmap",
+    "new_figure",
+    "plot_token_routing",
+    "save_figure",
+    "save_plotly",
+    "scatter",
+]

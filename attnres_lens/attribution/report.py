@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
@@ -165,27 +165,54 @@ class MassEffectReport:
         return text
 
     # ------------------------------------------------------------------ plots
-    def plot_mass_heatmap(self, path: Optional[str] = None, annotate: Optional[bool] = None) -> "Figure":
+    def plot_mass_heatmap(
+        self, path: Optional[str] = None, annotate: Optional[bool] = None, *, backend: str = "matplotlib"
+    ) -> Any:
         """Mean routing mass, routers (layer x sublayer) down, sources across (labelled from
-        ``source_table()``); flagged cells outlined."""
+        ``source_table()``); flagged cells outlined.
+
+        ``backend``: ``"matplotlib"`` (a figure that displays inline as a PNG; ``path`` any format
+        matplotlib writes) or ``"plotly"`` (:func:`attnres_lens.viz.plot_routing_heatmap`: hover a
+        cell for its router, source, family, mass and effect with CIs, flag and merged copies;
+        ``path`` an ``.html`` page; ``annotate`` is for matplotlib)."""
+        if plots.check_backend(backend) == "plotly":
+            plots.check_plotly_path(path)
+            from ..viz import plot_routing_heatmap
+
+            return plots.save_plotly(plot_routing_heatmap(self), path)
         return plots.heatmap(self, "mass", path=path, annotate=annotate)
 
     def plot_effect_heatmap(
-        self, path: Optional[str] = None, annotate: Optional[bool] = None, scale: str = "auto"
-    ) -> "Figure":
+        self, path: Optional[str] = None, annotate: Optional[bool] = None, scale: str = "auto",
+        *, backend: str = "matplotlib",
+    ) -> Any:
         """The exact effect of the intervention, same layout as :meth:`plot_mass_heatmap`
         (diverging colours centred on 0; cells whose CI includes 0 are hatched). ``scale``:
         ``"linear"``, ``"symlog"`` or ``"auto"`` (symlog when the largest effect is over 30 times
-        the median one, so that one catastrophic slice does not wash the others out)."""
+        the median one, so that one catastrophic slice does not wash the others out).
+        ``backend``: as for :meth:`plot_mass_heatmap` (plotly:
+        :func:`attnres_lens.viz.plot_effect_heatmap`)."""
+        if plots.check_backend(backend) == "plotly":
+            plots.check_plotly_path(path)
+            from ..viz import plot_effect_heatmap
+
+            return plots.save_plotly(plot_effect_heatmap(self), path)
         return plots.heatmap(self, "effect", path=path, annotate=annotate, scale=scale)
 
     def plot_scatter(
-        self, path: Optional[str] = None, annotate_flags: bool = True, max_labels: int = 8, yscale: str = "auto"
-    ) -> "Figure":
+        self, path: Optional[str] = None, annotate_flags: bool = True, max_labels: int = 8, yscale: str = "auto",
+        *, backend: str = "matplotlib",
+    ) -> Any:
         """Mass against effect with bootstrap CIs on both, coloured by family, one marker per
         sublayer kind (hollow: single-source routers); the thresholds drawn; up to
         ``max_labels`` flagged rows named. ``yscale``: ``"linear"``, ``"symlog"`` or ``"auto"``
-        (as for :meth:`plot_effect_heatmap`)."""
+        (as for :meth:`plot_effect_heatmap`). ``backend``: as for :meth:`plot_mass_heatmap`
+        (plotly: :func:`attnres_lens.viz.plot_mass_effect_scatter`)."""
+        if plots.check_backend(backend) == "plotly":
+            plots.check_plotly_path(path)
+            from ..viz import plot_mass_effect_scatter
+
+            return plots.save_plotly(plot_mass_effect_scatter(self), path)
         return plots.scatter(self, path=path, annotate_flags=annotate_flags, max_labels=max_labels, yscale=yscale)
 
     def plot_gradient_vs_exact(self, path: Optional[str] = None, scale: str = "auto") -> "Figure":
