@@ -448,9 +448,10 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             return_type: ``"logits"``, ``"loss"`` (mean next-token cross-entropy), ``"both"``,
                 ``None``, or (only with ``stop_at_layer``) ``"state"``.
             loss_per_token: the loss per token ``[batch, pos - 1]`` instead of its mean.
-            prepend_bos, padding_side: as in :meth:`to_tokens`, for string input. With token
-                input, ``padding_side="left"`` (or a left-padding tokenizer) derives the
-                attention mask from the leading pad tokens, as TransformerLens does.
+            prepend_bos: as in :meth:`to_tokens`, for string input.
+            padding_side: as in :meth:`to_tokens`, for string input. With token input,
+                ``padding_side="left"`` (or a left-padding tokenizer) derives the attention mask
+                from the leading pad tokens, as TransformerLens does.
             start_at_layer: run layers ``start_at_layer ..`` from the state ``input``; pass
                 ``tokens`` for a loss.
             stop_at_layer: run layers ``.. stop_at_layer - 1`` (negative counts from the end)
