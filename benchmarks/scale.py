@@ -227,12 +227,17 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     best = max(rows, key=lambda row: row[3])
     print(f"\nbest speedup {best[3]:.2f}x (bar 1.7x: {'met' if best[3] >= 1.7 else 'NOT met'}); parallel efficiency "
           f"{best[3] / 2:.0%}")
+    if best[3] > 2.0:
+        print("a speedup above 2x on 2 processes means the machine was shared: one process got a smaller share "
+              "of the cores than two did; measure again when the load average is under 1")
     if args.shape_json:
-        _extrapolate(json.loads(Path(args.shape_json).read_text()), best[3] / 2)
+        _extrapolate(json.loads(Path(args.shape_json).read_text()), min(1.0, best[3] / 2))
 
 
 def _extrapolate(shape_results: list[dict], efficiency: float) -> None:
-    """The 0.6B full probe on 8 devices: the one-process time / (8 x measured efficiency)."""
+    """The 0.6B full probe on 8 devices: the one-process time / (8 x measured efficiency, at
+    most 1). Same device kind only: a CPU time divided over 8 CPU ranks (for GPUs, run ``shape
+    --device cuda`` first)."""
     for r in shape_results:
         hours = r["full_probe_s"] / 3600
         print(f"{r['flavour']}: full probe {hours:.2f} h in one {r['device']} process -> {hours / (8 * efficiency):.2f} h "
