@@ -102,6 +102,34 @@ class KVCacheEntry:
         return 0 if self.keys is None else self.keys.shape[2]
 
 
+@dataclass
+class SharedPrefixKV(KVCacheEntry):
+    """The keys and values of a sequence's first ``n_pos`` positions, shared by ``copies``
+    stacked copies of its batch (the batched sweep runs many interventions on copies of one
+    batch, none of which changes those positions).
+
+    ``keys``/``values`` are ``[batch, kv_head, n_pos, d_head]``; the new positions of a forward
+    are ``[copies * batch, kv_head, new_pos, d_head]``, copy ``j`` owning items
+    ``j * batch .. j * batch + batch - 1``. :meth:`extend` returns the full keys and values of
+    every copy (what attending over this entry means); :class:`Attention` computes the same
+    without copying the prefix per copy. Unlike :class:`KVCacheEntry` it stores nothing, so one
+    entry serves every forward from the same prefix."""
+
+    copies: int = 1
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_new(keys)
+        repeat = lambda t: t.repeat(self.copies, 1, 1, 1)  # noqa: E731
+        return torch.cat([repeat(self.keys), keys], dim=2), torch.cat([repeat(self.values), values], dim=2)
+
+    def check_new(self, new: Tensor) -> None:
+        if new.shape[0] != self.copies * self.keys.shape[0]:
+            raise ValueError(
+                f"the new keys/values have batch {new.shape[0]}, but {self.copies} copies of a "
+                f"batch of {self.keys.shape[0]} share this prefix"
+            )
+
+
 @dataclass(frozen=True)
 class SequenceContext:
     """What attention needs besides its input: rotary tables for the positions being run,
@@ -164,6 +192,10 @@ class Attention(nn.Module):
         q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos, sin)).transpose(1, 2)
         k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin)).transpose(1, 2)
         v = v.transpose(1, 2)
+        if isinstance(kv_cache, SharedPrefixKV) and kv_cache.n_pos:
+            z = self._attention_over_shared_prefix(q, k, v, kv_cache, attn_mask)
+            z = self.hook_z(z.transpose(1, 2))
+            return self.o_proj(z.reshape(batch, n_pos, self.n_heads * self.d_head))
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
         if attn_mask is None and k.shape[2] != n_pos:
@@ -196,6 +228,40 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores.masked_fill(blocked, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
         return torch.matmul(pattern, v_all)
+
+    def _attention_over_shared_prefix(
+        self, q: Tensor, k: Tensor, v: Tensor, prefix: SharedPrefixKV, attn_mask: Optional[Tensor]
+    ) -> Tensor:
+        """Explicit attention (scores and pattern hooked, as :meth:`_explicit_attention`) over
+        ``prefix`` then the new keys, without repeating the prefix per copy: the queries of all
+        copies (and of the heads sharing a key/value head) of prompt ``b`` meet its prefix keys
+        in one matmul. ``q`` is ``[copies * batch, head, new_pos, d_head]``, ``k``/``v``
+        ``[copies * batch, kv_head, new_pos, d_head]``."""
+        prefix.check_new(k)
+        copies, (batch, n_kv, n_prefix, d_head) = prefix.copies, prefix.keys.shape
+        rep, n_new = self.repeat_kv_heads, q.shape[2]
+        shape = (copies, batch, n_kv, rep, n_new)  # the layout of q's leading axes
+
+        def fold(t: Tensor) -> Tensor:  # [copies * batch, head, new, x] -> [batch, kv_head, copies * rep * new, x]
+            return t.reshape(*shape, -1).permute(1, 2, 0, 3, 4, 5).reshape(batch, n_kv, -1, t.shape[-1])
+
+        def unfold(t: Tensor) -> Tensor:  # the inverse of fold
+            return t.reshape(batch, n_kv, copies, rep, n_new, -1).permute(2, 0, 1, 3, 4, 5).reshape(
+                copies * batch, n_kv * rep, n_new, t.shape[-1]
+            )
+
+        prefix_scores = unfold(torch.matmul(fold(q), prefix.keys.transpose(-1, -2)))
+        new_scores = torch.matmul(q, k.repeat_interleave(rep, dim=1).transpose(-1, -2))
+        scores = torch.cat([prefix_scores, new_scores], dim=-1) * self.scaling
+        if attn_mask is None:  # causal: every prefix key, and the new keys up to the query
+            blocked = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).triu(1)
+            blocked = torch.cat([blocked.new_zeros(n_new, n_prefix), blocked], dim=-1)
+        else:
+            blocked = ~attn_mask
+        scores = self.hook_attn_scores(scores.masked_fill(blocked, float("-inf")))
+        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        from_prefix = unfold(torch.matmul(fold(pattern[..., :n_prefix]), prefix.values))
+        return from_prefix + torch.matmul(pattern[..., n_prefix:], v.repeat_interleave(rep, dim=1))
 
     # ------------------------------------------------------------------ TL weight views
     # Views on the checkpoint-named parameters (no copies: an edit to ``q_proj.weight`` shows up

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from .cache import AttnResActivationCache
 from .compat import HookedRootModule, HookPoint
-from .components import Attention, GatedMLP, KVCacheEntry, RMSNorm, SequenceContext, rotary_cos_sin
+from .components import (
+    Attention,
+    GatedMLP,
+    KVCacheEntry,
+    RMSNorm,
+    SequenceContext,
+    rotary_cos_sin,
+)
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
@@ -52,6 +59,17 @@ class DepthState:
 
     def sources(self) -> list[Tensor]:
         return list(self.completed) + ([self.current] if self.current is not None else [])
+
+    def from_position(self, first: int) -> "DepthState":
+        """The state of positions ``first ..`` only (every source sliced along positions).
+
+        Routers, norms and MLPs act on each position alone, so this is the state the model
+        would hold at those positions; only attention also reads earlier positions (see
+        :meth:`HookedAttnResTransformer.run_from_position`)."""
+        if first == 0:
+            return self
+        cut = lambda t: t[:, first:]  # noqa: E731
+        return DepthState(tuple(cut(t) for t in self.completed), None if self.current is None else cut(self.current))
 
 
 class AttnResBlock(nn.Module):
@@ -413,6 +431,51 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             state = self.blocks[layer](state, seq, SUBLAYER_NAMES[first:last])
             k = 2 * layer + last
         return state
+
+    def states(
+        self, tokens: Int[Tensor, "batch pos"], kv_cache: Optional[list[KVCacheEntry]] = None
+    ) -> list[DepthState]:
+        """The :class:`DepthState` before every sublayer and after the last (``n_sublayers + 1``
+        states) of one forward on ``tokens`` (no padding). With ``kv_cache`` (one empty
+        :class:`~attnres_lens.components.KVCacheEntry` per layer) every layer's keys and values
+        are kept there, for :meth:`run_from_position`."""
+        tokens = self.validate_tokens(tokens)
+        if kv_cache is not None and (len(kv_cache) != self.cfg.n_layers or any(e.n_pos for e in kv_cache)):
+            raise ValueError(f"kv_cache must hold {self.cfg.n_layers} empty KVCacheEntry objects, one per layer")
+        seq = self.sequence_context(tokens.shape[1], tokens.device, kv_cache=kv_cache)
+        with self._running(seq):
+            states = [self.initial_state(tokens)]
+            for k in range(self.cfg.n_sublayers):
+                states.append(self.step(k, states[-1]))
+        return states
+
+    def run_from_position(
+        self,
+        state: DepthState,
+        start: int,
+        first_position: int,
+        past_kv: list[KVCacheEntry],
+        stop: Optional[int] = None,
+    ) -> DepthState:
+        """Run sublayers ``start .. stop-1`` for positions ``first_position ..`` only.
+
+        ``state`` holds those positions (``DepthState.from_position``); ``past_kv`` holds, per
+        layer, the keys and values of positions ``0 .. first_position - 1`` (of the layers from
+        ``start``'s on): :class:`~attnres_lens.components.KVCacheEntry` objects (extended in
+        place, as in generation) or :class:`~attnres_lens.components.SharedPrefixKV` (for
+        stacked copies of a batch; left as they are). Rotary
+        angles are those of the true positions. When nothing before ``first_position`` differs
+        from the run the keys and values came from, the result equals that run's state sliced
+        to ``first_position ..`` (routing, norms and MLPs are per position)."""
+        if len(past_kv) != self.cfg.n_layers or any(e.n_pos != first_position for e in past_kv):
+            raise ValueError(
+                f"past_kv must hold {self.cfg.n_layers} entries (one per layer) of {first_position} "
+                f"positions each, got {[e.n_pos for e in past_kv]}"
+            )
+        first = state.sources()[0]
+        seq = self.sequence_context(first.shape[1], first.device, kv_cache=past_kv)
+        with self._running(seq):
+            return self.run_from(state, start, stop)
 
     def stream_of(self, state: DepthState) -> Float[Tensor, "batch pos d_model"]:
         """What ``forward(..., stop_at_layer=L)`` returns. Cumulative: the residual stream ``x``

@@ -36,11 +36,21 @@ from . import distributed
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
 from .depth_patching import get_act_patch_depth_state
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
-from .interventions.compile import compile_interventions, hooks_from_ops
+from .interventions.compile import compile_interventions
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
 from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, per_prompt_kl, per_prompt_loss
-from .model import DepthState, HookedAttnResTransformer
-from .selection import IndexSelector, SweepUnit, Touched, as_index, default_bands, select_indices, sweep_units
+from .model import HookedAttnResTransformer
+from .selection import (
+    IndexSelector,
+    Slice,
+    SweepUnit,
+    Touched,
+    as_index,
+    default_bands,
+    select_indices,
+    sweep_units,
+)
+from .sweep_engine import BatchedPatchRuns, Rerun, clean_pass, first_position, run_batched, run_naive
 
 
 class UndefinedInterventionWarning(UserWarning):
@@ -124,10 +134,17 @@ def get_act_patch_routing(
     """Patch each routing slice of one sublayer's routers from the clean run into the corrupted
     run, like ``transformer_lens.patching.get_act_patch_*``.
 
-    Each row of :func:`routing_index_df` is one patched forward: the clean value of the
+    Each row of :func:`routing_index_df` is one patched run: the clean value of the
     ``target`` (``"weight"``: ``alpha_source`` at ``blocks.{layer}.hook_{sublayer}_router_weights``;
     ``"source"``: ``v_source`` at ``..._router_sources``, so its key follows) replaces the
     corrupted one at every position (or at ``pos`` with ``by_pos=True``).
+
+    TransformerLens' ``generic_activation_patch`` runs the loop and shapes the result, but the
+    patched runs come from the exact batched engine of :func:`sweep_sources`: each row reruns
+    only the sublayers from its router on and (``by_pos``) only the positions from ``pos`` on,
+    several rows per forward. The values equal one hooked forward per row to float rounding.
+    (When the clean activations do not have the corrupted run's ``[batch or 1, pos]`` layout,
+    every row is one hooked forward, as in TransformerLens.)
 
     Args:
         model: the model (in eval mode, as TransformerLens 4 requires).
@@ -184,8 +201,9 @@ def get_act_patch_routing(
             f"{sublayer} routers' {what} needs; cache them with model.run_with_cache (names_filter "
             "may use these names)"
         )
+    runs = _batched_patch_runs(model, corrupted_tokens, cache_keys, index_df, sublayer, target)
     return patching.generic_activation_patch(
-        model,
+        runs,
         corrupted_tokens,
         clean_cache,
         patching_metric,
@@ -196,52 +214,45 @@ def get_act_patch_routing(
     )
 
 
+def _batched_patch_runs(
+    model: HookedAttnResTransformer,
+    tokens: Tensor,
+    cache: Mapping,
+    index_df: pd.DataFrame,
+    sublayer: str,
+    target: str,
+) -> Any:
+    """The model TL's loop runs, its rows answered by the batched engine when the clean
+    activations line up with the corrupted run (``[batch or 1, pos, ...]``); else the model."""
+    what = "weights" if target == "weight" else "sources"
+    specs = {spec.layer: spec for spec in model.router_specs if spec.sublayer == sublayer}
+    values = {layer: {f"{spec.name}.hook_{what}": cache[f"blocks.{layer}.hook_{sublayer}_router_{what}"]}
+              for layer, spec in specs.items()}
+    batch, n_pos = tokens.shape
+    if any(t.ndim < 2 or t.shape[0] not in (batch, 1) or t.shape[1] != n_pos
+           for value in values.values() for t in value.values()):
+        return model  # TL's own loop then patches (or fails) as it always did
+    reruns, hook_names = [], []
+    for row in index_df.itertuples(index=False, name=None):
+        layer, source, pos = (int(i) for i in row) if len(row) == 3 else (int(row[0]), int(row[1]), None)
+        spec = specs[layer]
+        iv = Intervention(Slice(spec.name, source), "patch", target=target, value=values[layer], positions=pos)
+        reruns.append(Rerun(tuple(int(i) for i in row), iv, spec.step, pos or 0))
+        hook_names.append(f"blocks.{layer}.hook_{sublayer}_router_{what}")
+    return BatchedPatchRuns(model, tokens, reruns, hook_names, _default_budget(model, tokens.numel()))
+
+
 # ============================================================================ the sweep
-@dataclass
-class _Clean:
-    states: list[DepthState]
-    logits: Tensor
-    weights: dict[str, Tensor]
-
-
-def _clean_pass(model: HookedAttnResTransformer, tokens: Tensor) -> _Clean:
-    """One clean forward that keeps the state before every sublayer and every routing weight."""
-    weights: dict[str, Tensor] = {}
-
-    def capture(name: str) -> Callable:
-        def hook(x: Tensor, hook: Any) -> None:
-            weights[name] = x.detach()
-
-        return hook
-
-    hooks = [(f"{spec.name}.hook_weights", capture(spec.name)) for spec in model.router_specs]
-    states = []
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        state = model.initial_state(tokens)
-        for k in range(model.cfg.n_sublayers):
-            states.append(state)
-            state = model.step(k, state)
-        states.append(state)
-        logits = model.readout(state)
-    return _Clean(states, logits, weights)
-
-
-def _expand(state: DepthState, n: int) -> DepthState:
-    if n == 1:
-        return state
-    rep = lambda t: t.repeat(n, *([1] * (t.ndim - 1)))  # noqa: E731
-    return DepthState(
-        tuple(rep(t) for t in state.completed), None if state.current is None else rep(state.current)
-    )
-
-
 def _default_budget(model: HookedAttnResTransformer, tokens_per_prompt_batch: int) -> int:
-    """Tokens per stacked forward: about 1 GiB of activations and logits."""
+    """Tokens per stacked forward: about 1 GiB of activations and logits, and on CPU at most
+    4096 (beyond that a stack only adds memory traffic there: measured with
+    ``benchmarks/sweep.py``)."""
     cfg = model.cfg
     max_sources = max(spec.n_sources for spec in model.router_specs)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     per_token = itemsize * (2 * cfg.d_vocab + cfg.d_model * (max_sources + 8) + 3 * cfg.d_mlp)
-    return max(tokens_per_prompt_batch, min(1 << 15, (1 << 30) // per_token))
+    cap = 1 << 12 if model.embed.weight.device.type == "cpu" else 1 << 15
+    return max(tokens_per_prompt_batch, min(cap, (1 << 30) // per_token))
 
 
 def _prepare_reference(
@@ -581,7 +592,7 @@ def _measure_minibatch(
 ) -> tuple[np.ndarray, np.ndarray, dict[int, Tensor]]:
     minibatch = tokens[rows]
     metric = settings.metric.for_prompts(torch.arange(rows.start, rows.stop))
-    clean = _clean_pass(model, minibatch)
+    clean = clean_pass(model, minibatch)
     clean_log_probs = F.log_softmax(clean.logits.float(), dim=-1) if metric.fn == "kl" else None
     clean_values = metric(clean.logits, minibatch, clean_log_probs).cpu().double().numpy()
     # mass is read where the metric reads, among the intervened positions
@@ -590,10 +601,12 @@ def _measure_minibatch(
     mass = np.stack([_mass(clean.weights, unit.touched, read).cpu().double().numpy() for unit in units])
     interventions = {i: settings.intervention(units[i], value) for i in range(len(units)) if i not in undefined}
     if settings.engine == "naive":
-        results = _run_naive(model, minibatch, interventions, metric, clean_log_probs, bar)
+        results = run_naive(model, minibatch, interventions, metric, clean_log_probs, bar)
     else:
         budget = settings.max_batch_tokens or _default_budget(model, minibatch.numel())
-        results = _run_batched(model, minibatch, interventions, units, metric, clean, clean_log_probs, budget, bar)
+        n_pos = minibatch.shape[1]
+        reruns = [Rerun(i, iv, units[i].start, first_position(iv, n_pos)) for i, iv in interventions.items()]
+        results = run_batched(model, minibatch, reruns, metric, clean, clean_log_probs, budget, bar)
     return clean_values, mass, results
 
 
@@ -634,67 +647,6 @@ def _mass(weights: dict[str, Tensor], touched: Touched, read: list[int]) -> Floa
         s = torch.tensor(sources, device=w.device)
         per_router.append(w[:, p][:, :, s].float().sum(dim=-1).mean(dim=-1))
     return torch.stack(per_router).mean(dim=0)
-
-
-def _run_naive(
-    model: HookedAttnResTransformer,
-    tokens: Tensor,
-    ivs: dict[int, Intervention],
-    metric: Metric,
-    clean_log_probs: Optional[Tensor],
-    bar: Any,
-) -> dict[int, Tensor]:
-    """One full hooked forward per row."""
-    memo = ReferenceMemo()
-    out = {}
-    for i, iv in ivs.items():
-        hooks = hooks_from_ops(compile_interventions(model, [iv], memo=memo))
-        with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-        out[i] = metric(logits, tokens, clean_log_probs)
-        bar.update(1)
-    return out
-
-
-def _run_batched(
-    model: HookedAttnResTransformer,
-    tokens: Tensor,
-    ivs: dict[int, Intervention],
-    units: list[SweepUnit],
-    metric: Metric,
-    clean: _Clean,
-    clean_log_probs: Optional[Tensor],
-    budget: int,
-    bar: Any,
-) -> dict[int, Tensor]:
-    """Rerun only the suffix from each row's first intervened sublayer, several rows per forward.
-
-    Rows that start at the same sublayer ``k`` share the clean state before ``k``; it is
-    repeated along the batch (row ``j`` of a stack owns items ``j*B .. j*B + B - 1``) and each
-    row's interventions are compiled onto its own items. The suffix then runs once for the stack.
-    """
-    batch, n_pos = tokens.shape
-    per_stack = max(1, budget // (batch * n_pos))
-    by_start: dict[int, list[int]] = {}
-    for i in ivs:
-        by_start.setdefault(units[i].start, []).append(i)
-    memo = ReferenceMemo()
-    out = {}
-    for k in sorted(by_start):
-        members = by_start[k]
-        for first in range(0, len(members), per_stack):
-            stack = members[first : first + per_stack]
-            ops = []
-            for j, i in enumerate(stack):
-                ops += compile_interventions(model, [ivs[i]], offset=j * batch, local_batch=batch, memo=memo)
-            hooks = hooks_from_ops(ops)
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-                state = model.run_from(_expand(clean.states[k], len(stack)), k)
-                logits = model.readout(state)
-            for j, i in enumerate(stack):
-                out[i] = metric(logits[j * batch : (j + 1) * batch], tokens, clean_log_probs)
-            bar.update(len(stack))
-    return out
 
 
 __all__ = [

@@ -14,10 +14,20 @@ It also times one clean forward ``T`` and prints the *suffix-recompute limit*
 time an engine that recomputes exactly the sublayers after the intervention, one slice at a
 time, would take. Targets: batched / TL loop <= 0.25, batched / limit <= 1.3.
 
+With ``--positions last`` it instead measures position-restricted sweeps (issue H 3):
+
+- the batched sweep at all positions against ``positions=[-1]`` (which reruns only the last
+  position, reading the clean keys/values of the others), same model, slices and mode; target
+  ``last / all <= 0.1``;
+- ``get_act_patch_routing(..., by_pos=True)`` (the batched engine behind TL's loop) against
+  TL's own loop (``generic_activation_patch``, one forward per (layer, source, pos)), on a
+  smaller batch (``--by-pos-batch`` x ``--by-pos-pos`` tokens), with the largest difference.
+
 Run (fp32, CPU)::
 
     python benchmarks/sweep.py                 # 12 layers, d_model 256, 4 x 128 tokens
     python benchmarks/sweep.py --threads 2 --repeats 5
+    python benchmarks/sweep.py --positions last
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch
 from attnres_lens import AttnResConfig, HookedAttnResTransformer
 from attnres_lens.compat import PATCHING_HAS_REDUCE, TL_VERSION, patching
 from attnres_lens.patching import (
+    get_act_patch_routing,
     per_prompt_loss,
     routing_index_df,
     routing_patch_setter,
@@ -77,10 +88,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (min is reported)")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positions", default="all", choices=["all", "last"],
+                        help="'last': time position-restricted sweeps against all-position ones")
+    parser.add_argument("--by-pos-batch", type=int, default=2, help="--positions last: TL by-pos tokens, batch")
+    parser.add_argument("--by-pos-pos", type=int, default=8, help="--positions last: TL by-pos tokens, positions")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model = build_model(args)
+    if args.positions == "last":
+        positions_benchmark(model, args)
+        return
     clean_tokens = torch.randint(0, args.d_vocab, (args.batch, args.pos))
     corrupted_tokens = torch.randint(0, args.d_vocab, (args.batch, args.pos))
     with torch.no_grad():
@@ -184,6 +202,75 @@ def main() -> None:
         f"(counting only the sublayers strictly after the intervened one, the limit is "
         f"{strict_limit:.3f} s and batched / limit = {best['batched'] / strict_limit:.3f})"
     )
+    sys.stdout.flush()
+
+
+def best_of(repeats: int, fns: dict) -> tuple[dict, dict]:
+    """Interleaved repetitions of each function: the min time and the last value of each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    values = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with contextlib.redirect_stderr(io.StringIO()):  # TL's own tqdm bar
+                start = time.perf_counter()
+                values[name] = fn()
+                times[name].append(time.perf_counter() - start)
+    return times, values
+
+
+def show(times: dict) -> None:
+    for name, ts in times.items():
+        spread = ", ".join(f"{t:.3f}" for t in ts)
+        print(f"{name:>22}: min {min(ts):8.3f} s   (runs: {spread})")
+
+
+def positions_benchmark(model: HookedAttnResTransformer, args: argparse.Namespace) -> None:
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, args.d_vocab, (args.batch, args.pos), generator=gen)
+    routers = [s.name for s in model.router_specs if s.sublayer != "final"]
+
+    def sweep(positions):
+        return sweep_sources(model, tokens, mode="zero", metric="loss", positions=positions, routers=routers,
+                             progress=False, max_batch_tokens=args.max_batch_tokens)
+
+    print(
+        f"model: {cfg.flavour}/{cfg.routing_mode}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_blocks} blocks, d_vocab {cfg.d_vocab}; fp32 CPU, {torch.get_num_threads()} thread(s); "
+        f"TransformerLens {TL_VERSION}"
+    )
+    sweep([-1])  # warm-up
+    times, values = best_of(args.repeats, {"batched, all positions": lambda: sweep(None),
+                                           "batched, positions=[-1]": lambda: sweep([-1])})
+    n_rows = len(values["batched, all positions"])
+    print(f"sweep_sources(mode='zero', metric='loss'): {n_rows} slices, tokens {args.batch} x {args.pos}")
+    show(times)
+    ratio = min(times["batched, positions=[-1]"]) / min(times["batched, all positions"])
+    print(f"positions=[-1] / all positions = {ratio:.3f}   (target <= 0.1)")
+
+    # TL-style patching by position: TL's loop (one forward per row) against the batched engine
+    small = torch.randint(0, args.d_vocab, (args.by_pos_batch, args.by_pos_pos), generator=gen)
+    clean = torch.randint(0, args.d_vocab, (args.by_pos_batch, args.by_pos_pos), generator=gen)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: "router" in n)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return per_prompt_loss(logits, small).mean()
+
+    index_df = routing_index_df(model, "attn", by_pos=True, n_pos=args.by_pos_pos)
+    times, values = best_of(args.repeats, {
+        "TL loop (by pos)": lambda: patching.generic_activation_patch(
+            model, small, clean_cache, metric, routing_patch_setter, "attn_router_weights", index_df=index_df),
+        "batched (by pos)": lambda: get_act_patch_routing(model, small, clean_cache, metric, "attn", by_pos=True),
+    })
+    diff = (values["TL loop (by pos)"] - values["batched (by pos)"]).abs().max().item()
+    print(
+        f"get_act_patch_routing(sublayer='attn', by_pos=True): {len(index_df)} rows (layer, source, pos), "
+        f"tokens {args.by_pos_batch} x {args.by_pos_pos}; max |batched - TL loop| = {diff:.2e}"
+    )
+    show(times)
+    ratio = min(times["batched (by pos)"]) / min(times["TL loop (by pos)"])
+    print(f"batched / TL loop (by pos) = {ratio:.3f}   (speed-up {1 / ratio:.1f}x)")
     sys.stdout.flush()
 
 
