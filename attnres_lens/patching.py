@@ -53,6 +53,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "source",
     "family",
     "label",
+    "n_copies",
     "mass",
     "metric_clean",
     "metric_ablated",
@@ -307,6 +308,7 @@ def sweep_sources(
     factor: Optional[float] = None,
     seed: int = 0,
     routers: Optional[Sequence[str]] = None,
+    merge_duplicates: bool = True,
 ) -> pd.DataFrame:
     """Intervene on each depth-source slice (or family, or group) in turn and measure the effect.
 
@@ -340,11 +342,18 @@ def sweep_sources(
         factor: the factor of ``mode="scale"``.
         seed: the resampling seed.
         routers: restrict ``"slice"``/``"family"`` sweeps to these routers.
+        merge_duplicates: treat copies of one tensor at a router (the cumulative flavour's
+            snapshot that equals the stream, ``model.source_table()["duplicate_of"]``) as one
+            slice (default): its row intervenes on every copy with the same mode, its mass is
+            the sum of the copies' masses, and it is keyed by the first copy. ``False``: one
+            row per copy (zeroing one copy is then largely undone by the other, through the
+            sublayer's input norm).
 
     Returns:
         A DataFrame with one row per slice or group and columns ``router, layer, sublayer,
         source, family, label`` (``None``/``<NA>`` where a column does not apply to a group;
-        ``label`` then describes the group), ``mass``, ``metric_clean``, ``metric_ablated``,
+        ``label`` then describes the group), ``n_copies`` (slice rows: how many sources hold
+        the slice's tensor), ``mass``, ``metric_clean``, ``metric_ablated``,
         ``effect`` (means over prompts) and ``mass_per_prompt``, ``effect_per_prompt`` (1-D
         float arrays over prompts; ``effect = metric_ablated - metric_clean`` per prompt).
 
@@ -361,6 +370,7 @@ def sweep_sources(
         model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
         batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
         max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
+        merge_duplicates=merge_duplicates,
     ).table
 
 
@@ -399,12 +409,13 @@ def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"],
     """:func:`sweep_sources` (same arguments), returning the table together with its units."""
     groups, bands, routers = kwargs.pop("groups", "slice"), kwargs.pop("bands", None), kwargs.pop("routers", None)
     reference = kwargs.pop("reference", None)
+    merge_duplicates = kwargs.pop("merge_duplicates", True)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
     tokens = model.validate_tokens(tokens)
     settings = _sweep_settings(tokens, **kwargs)
     _check_resample_batches(settings, tokens.shape[0], reference)
-    units = sweep_units(model, groups, bands, routers)
+    units = sweep_units(model, groups, bands, routers, merge_duplicates)
     reference_values = _reference_values(model, settings, reference, tokens, units)
     undefined = _undefined_units(model, settings, units, reference_values)
     clean, mass, ablated = _measure(model, tokens, settings, units, undefined, reference_values)
@@ -594,6 +605,7 @@ def _sweep_table(
     table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     table["layer"] = table["layer"].astype("Int64")
     table["source"] = table["source"].astype("Int64")
+    table["n_copies"] = table["n_copies"].astype("Int64")
     table.attrs.update(
         metric_clean_per_prompt=clean,
         mode=settings.mode,

@@ -68,7 +68,7 @@ MODEL_FIELDS = (
     "extra",
 )
 #: Keys of each entry of ``summary.json["models"][name]["groups"]``.
-GROUP_FIELDS = ("largest", "rank_correlation", "n_flags", "flags", "table", "timings", "figures")
+GROUP_FIELDS = ("largest", "rank_correlation", "n_flags", "flags", "duplicates", "table", "timings", "figures")
 DEFAULT_GROUPS = ("slice", "family_band")
 
 
@@ -226,10 +226,11 @@ class ProtocolSettings:
     seed: int = 0
     batch_size: Optional[int] = None
     bands: Any = None
+    merge_duplicates: bool = True
 
     def mass_vs_effect_options(self) -> dict[str, Any]:
         return {"mode": self.mode, "metric": self.metric, "n_boot": self.n_boot, "seed": self.seed,
-                "bands": self.bands, "batch_size": self.batch_size}
+                "bands": self.bands, "batch_size": self.batch_size, "merge_duplicates": self.merge_duplicates}
 
 
 def run_protocol(
@@ -249,6 +250,7 @@ def run_protocol(
     data: Optional[dict] = None,
     title: str = "Block AttnRes routing: mass vs causal effect",
     intro: str = "",
+    merge_duplicates: bool = True,
 ) -> ProtocolResult:
     """Measure every subject on ``tokens`` and write the report into ``out_dir``.
 
@@ -257,12 +259,15 @@ def run_protocol(
     statistics of :func:`attnres_lens.attribution.routing_statistics` (content dependence, the
     spread of the routing weights over tokens); and
     :func:`attnres_lens.attribution.mass_vs_effect` for each grouping in ``groups``, with
-    ``mode``, ``metric``, ``n_boot``, ``seed``, ``bands`` and ``batch_size``.
+    ``mode``, ``metric``, ``n_boot``, ``seed``, ``bands`` and ``batch_size``; copies of one
+    tensor at a router are one slice unless ``merge_duplicates=False`` (each group's
+    ``duplicates`` entry says how many pairs there are and where).
     """
     from tqdm.auto import tqdm
 
     settings = ProtocolSettings(
-        mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands
+        mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands,
+        merge_duplicates=merge_duplicates,
     )
     _check_subjects(subjects, settings)
     t_start = time.perf_counter()
@@ -401,6 +406,7 @@ def _group_entry(report: Any, figures: dict[str, str]) -> dict[str, Any]:
         "rank_correlation": report_dict["rank_correlation"],
         "n_flags": n_flags,
         "flags": report_dict["flags"],
+        "duplicates": report_dict["settings"].get("duplicates"),
         "table": report_dict["table"],
         "timings": report_dict["timings"],
         "figures": figures,

@@ -29,6 +29,7 @@ def sweep_batches(
     engine: str,
     bands: Optional[Mapping[str, tuple[int, ...]]],
     progress: bool,
+    merge_duplicates: bool = True,
 ) -> SweepResult:
     """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
     concatenated across batches and the means recomputed over all prompts. Rows whose
@@ -44,7 +45,7 @@ def sweep_batches(
                 model, batch, mode=mode, metric=metric.for_prompts(torch.arange(offset, offset + n_prompts)),
                 groups=groups, positions=positions, batch_size=batch_size, engine=engine,
                 bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                progress=progress,
+                progress=progress, merge_duplicates=merge_duplicates,
             ))
         offset += n_prompts
     table = _concatenated(results[0].table, [result.table for result in results])

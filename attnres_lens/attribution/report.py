@@ -12,12 +12,23 @@ import pandas as pd
 from ..serialize import jsonable
 from . import plots
 from .routing_stats import RoutingStatistics
-from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
+from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_COMPENSATED_BY_DUPLICATE, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 from .tables import markdown_table
 
 if TYPE_CHECKING:  # annotations only
     from matplotlib.figure import Figure
 
+
+
+def duplicates_line(duplicates: dict) -> str:
+    """One line on the duplicate pairs (copies of one tensor at a router): merged or not, where."""
+    where = "; ".join(duplicates["where"][:8]) + (" ..." if len(duplicates["where"]) > 8 else "")
+    if duplicates["merged"]:
+        return (f"duplicates: {duplicates['n_pairs']} pairs of copies of one tensor, each merged into one "
+                f"slice (mass summed, every copy intervened on): {where}")
+    return (f"duplicates: {duplicates['n_pairs']} pairs of copies of one tensor reported per copy "
+            f"(merge_duplicates=False); {duplicates.get('n_compensated', 0)} copies flagged "
+            f"'{FLAG_COMPENSATED_BY_DUPLICATE}': {where}")
 
 
 @dataclass
@@ -31,8 +42,11 @@ class MassEffectReport:
       the same intervention ``grad_estimate`` (with its CI) when available, ``eligible`` (False
       for single-source routers, whose mass is 1 by construction: they are kept in the table
       but left out of flags, the largest-slice comparison and the correlations) and ``flag``.
-    - ``flags``: the flagged rows (``flag`` is :data:`FLAG_MASS_WITHOUT_CAUSAL_ROLE` or
-      :data:`FLAG_CAUSAL_WITHOUT_MASS`) with a human ``reason``.
+    - ``flags``: the flagged rows (``flag`` is :data:`FLAG_MASS_WITHOUT_CAUSAL_ROLE`,
+      :data:`FLAG_CAUSAL_WITHOUT_MASS`, or in per-copy reports
+      :data:`FLAG_COMPENSATED_BY_DUPLICATE`) with a human ``reason``. Slice rows that merge
+      copies of one tensor have ``n_copies`` 2 and a label such as ``"after block 0 = stream"``;
+      ``settings["duplicates"]`` counts the pairs and says where they are.
     - ``largest``: per sublayer kind (``"attn"``, ``"mlp"``), the largest-mass and the
       largest-``|effect|`` rows, whether they coincide (``same``; rows tied for the largest mass,
       ``n_tied_for_mass``, all count as largest) and in what fraction of the bootstrap resamples
@@ -83,10 +97,16 @@ class MassEffectReport:
                     f"[{rc['low']:+.3f}, {rc['high']:+.3f}] over {self.rank_correlation['n']} rows"
                 )
         counts = self.flags["flag"].value_counts().to_dict() if len(self.flags) else {}
-        lines.append(
+        flag_text = (
             f"flags: {counts.get(FLAG_MASS_WITHOUT_CAUSAL_ROLE, 0)} '{FLAG_MASS_WITHOUT_CAUSAL_ROLE}', "
             f"{counts.get(FLAG_CAUSAL_WITHOUT_MASS, 0)} '{FLAG_CAUSAL_WITHOUT_MASS}'"
         )
+        if counts.get(FLAG_COMPENSATED_BY_DUPLICATE):
+            flag_text += f", {counts[FLAG_COMPENSATED_BY_DUPLICATE]} '{FLAG_COMPENSATED_BY_DUPLICATE}'"
+        lines.append(flag_text)
+        duplicates = self.settings.get("duplicates")
+        if duplicates and duplicates["n_pairs"]:
+            lines.append(duplicates_line(duplicates))
         if self.gradient_agreement:
             g = self.gradient_agreement
             lines.append(

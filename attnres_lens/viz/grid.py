@@ -78,7 +78,7 @@ def router_rows(source_table: pd.DataFrame, routers: Any = None) -> tuple[list[s
 
 
 def is_slice_level(table: pd.DataFrame) -> bool:
-    return "router" in table and "source" in table and len(table) > 0 and table["source"].notna().all()
+    return bool("router" in table and "source" in table and len(table) > 0 and table["source"].notna().all())
 
 
 def report_grid(report: Any) -> Grid:
