@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from ..selection import default_bands
 from .bootstrap import min_prompts_for_bootstrap
+from .estimate import estimate_effects
 from .gradients import gradient_attribution
 from .mass_effect import mass_vs_effect
 from .plots import plot_token_routing
@@ -58,6 +59,7 @@ __all__ = [
     "MassEffectReport",
     "RoutingStatistics",
     "default_bands",
+    "estimate_effects",
     "gradient_attribution",
     "mass_vs_effect",
     "min_prompts_for_bootstrap",

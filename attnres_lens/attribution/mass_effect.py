@@ -33,6 +33,7 @@ from ..selection import (
 from .bootstrap import CI_METHODS, Interval, bootstrap_statistics, check_bootstrap_size, kendall_columns, spearman_columns
 from .data import as_batches
 from .exact import sweep_batches
+from .screen import SCREEN_ENGINES, add_screen_columns as _add_screen_columns, screened_sweep
 from .gradients import gradient_rows
 from .report import MassEffectReport
 from .routing_stats import RoutingAccumulator, RoutingStatistics, accumulate_routing
@@ -102,6 +103,8 @@ def mass_vs_effect(
     progress: bool = False,
     top_k: int = 5,
     merge_duplicates: bool = True,
+    screen_k: Optional[int] = None,
+    screen_control: Optional[int] = None,
 ) -> MassEffectReport:
     """Compare routing mass with causal effect, slice by slice (or group by group).
 
@@ -128,6 +131,18 @@ def mass_vs_effect(
     on every copy, from one extra sweep row per pair). ``settings["duplicates"]`` says how many
     pairs there are and where.
 
+    Engines: ``"batched"`` (default) and ``"naive"`` run the exact sweep on every row.
+    ``"estimate"`` runs none: every row's effect is :func:`estimate_effects`' ``"readout"``
+    estimate (modes zero, mask). ``"screen"`` ranks every row with that estimate, computes
+    exactly the ``screen_k`` rows of largest estimated ``|effect|`` (default ``max(top_k + 2,
+    5% of the rows)``) and a seeded random control subset of ``screen_control`` other rows
+    (default ``max(3, screen_k // 2)``), and keeps the estimate elsewhere. Column ``exact`` says which rows were
+    measured and ``estimate`` holds every row's estimate; ``settings["screen"]`` lists the
+    control rows the estimator missed (their exact ``|effect|`` would have put them in the
+    top ``screen_k``) and a bound on how many such rows the unmeasured rest may hold (AtP*'s
+    control-subset argument: with ``m`` misses among ``c`` uniformly drawn rows, a 95% upper
+    bound on the miss rate, times the unmeasured rows).
+
     Defaults: ``mass_threshold=0.2``, ``low_mass_threshold=0.05``, ``effect_threshold=0.01``
     (metric units: nats per token for ``"loss"``, about a 1% perplexity change).
 
@@ -151,16 +166,26 @@ def mass_vs_effect(
     resolved_metric = Metric.resolve(metric)
     timings, clock = {}, time.perf_counter()
 
-    result = sweep_batches(
-        model, batches, mode=mode, metric=resolved_metric, groups=_sweep_groups(model, groups, resolved_bands),
-        positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
-        merge_duplicates=merge_duplicates,
-    )
+    sweep_groups = _sweep_groups(model, groups, resolved_bands)
+    screen_info = None
+    if engine in SCREEN_ENGINES:
+        result, screen_info = screened_sweep(
+            model, batches, mode=mode, metric=resolved_metric, groups=sweep_groups, positions=positions,
+            batch_size=batch_size, bands=resolved_bands, merge_duplicates=merge_duplicates, engine=engine,
+            k=screen_k, control=screen_control, seed=seed, top_k=top_k,
+        )
+    else:
+        result = sweep_batches(
+            model, batches, mode=mode, metric=resolved_metric, groups=sweep_groups,
+            positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
+            merge_duplicates=merge_duplicates,
+        )
     rows, undefined_names = _defined_rows(result, resolved_bands, mode)
     check_finite(rows.sweep)
     merged_effects = None
     if not merge_duplicates:
-        merged_effects = _merged_pair_effects(model, batches, rows, mode, resolved_metric, positions, batch_size, engine)
+        exact_engine = "batched" if engine in SCREEN_ENGINES else engine
+        merged_effects = _merged_pair_effects(model, batches, rows, mode, resolved_metric, positions, batch_size, exact_engine)
     timings["sweep_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
     estimate_kind = mode if mode in ("zero", "mask") else None
@@ -191,6 +216,9 @@ def mass_vs_effect(
         engine=engine,
         duplicates=duplicates_summary(model, merge_duplicates, report.table),
     )
+    if screen_info is not None:
+        report.settings["screen"] = screen_info
+        _add_screen_columns(report, result)
     report.timings = {**timings, "total_s": time.perf_counter() - started}
     return report
 

@@ -31,6 +31,30 @@ def duplicates_line(duplicates: dict) -> str:
             f"'{FLAG_COMPENSATED_BY_DUPLICATE}': {where}")
 
 
+#: What report.md says about the ``estimate`` column (engines "estimate" and "screen").
+ESTIMATE_NOTE = (
+    "The `estimate` column is the fast estimate of each row's effect (`estimate_effects`, method "
+    "`readout`: the intervened router and sublayer and the final readout recomputed exactly, the "
+    "paths through later sublayers to first order; see docs/attribution.md, \"Fast estimates and "
+    "the screen\"). It ranks rows well but usually underestimates large effects, so a gap between "
+    "`estimate` and `effect` on a measured row is expected, not a bug. Rows marked \"no (estimate)\" "
+    "were not measured: their `effect` *is* the estimate."
+)
+
+
+def screen_line(screen: dict) -> str:
+    """One line on the screen: what was measured exactly and what it may have missed."""
+    if screen["engine"] == "estimate" or not screen.get("k"):
+        return f"engine 'estimate': no row measured exactly; every effect is the estimate ({screen['n_rows']} rows)"
+    misses = ", ".join(screen["misses"][:4]) or "none"
+    return (
+        f"screen: {screen['k']} rows of largest estimated |effect| and {screen['n_control']} random control "
+        f"rows measured exactly ({screen['n_exact']} of {screen['n_rows']}); control rows the estimate "
+        f"missed: {screen['n_misses']} ({misses}); 95% bound on such rows among the "
+        f"{screen['n_unmeasured']} unmeasured: {screen['missed_bound']:.1f}"
+    )
+
+
 @dataclass
 class MassEffectReport:
     """What :func:`mass_vs_effect` found. All effects are ``metric(ablated) - metric(clean)``.
@@ -104,6 +128,9 @@ class MassEffectReport:
         if counts.get(FLAG_COMPENSATED_BY_DUPLICATE):
             flag_text += f", {counts[FLAG_COMPENSATED_BY_DUPLICATE]} '{FLAG_COMPENSATED_BY_DUPLICATE}'"
         lines.append(flag_text)
+        screen = self.settings.get("screen")
+        if screen is not None:
+            lines.append(screen_line(screen))
         duplicates = self.settings.get("duplicates")
         if duplicates and duplicates["n_pairs"]:
             lines.append(duplicates_line(duplicates))
@@ -142,10 +169,17 @@ class MassEffectReport:
             view["content dep."] = [
                 "" if pd.isna(c) else f"{c:.3f}" for c in t["content_dependence"]
             ]
+        screen = self.settings.get("screen")
+        if screen is not None and "estimate" in t:
+            view["estimate"] = [f"{e:+{floatfmt}}" for e in t["estimate"]]
+            view["exact?"] = ["yes" if x else "no (estimate)" for x in t["exact"]]
         view["flag"] = t["flag"]
         if max_rows is not None:
             view = view.head(max_rows)
-        parts = ["```", self.summary(), "```", "", markdown_table(view)]
+        parts = ["```", self.summary(), "```", ""]
+        if screen is not None:
+            parts += [ESTIMATE_NOTE, ""]
+        parts.append(markdown_table(view))
         if len(self.flags):
             parts += ["", "**Flags**", ""]
             parts += [f"- {r['name']}: **{r['flag']}** ({r['reason']})" for _, r in self.flags.iterrows()]
