@@ -112,3 +112,9 @@ def test_screen_measures_the_top_rows_and_a_control_subset_exactly(name):
     np.testing.assert_allclose(everything.table.effect, full.table.effect, atol=1e-6)
     only_estimate = mass_vs_effect(model, tokens, gradient=False, n_boot=50, engine="estimate")
     assert not only_estimate.table.exact.any() and "estimate" in only_estimate.to_markdown()
+
+
+def test_mass_vs_effect_names_its_engines():
+    model, tokens = _model("kimi-block"), _tokens()
+    with pytest.raises(ValueError, match="screen"):
+        mass_vs_effect(model, tokens, engine="fast")

@@ -161,6 +161,9 @@ def mass_vs_effect(
     if ci_method not in CI_METHODS:
         raise ValueError(f"ci_method must be one of {CI_METHODS}, got {ci_method!r}")
     thresholds = Thresholds(mass_threshold, low_mass_threshold, effect_threshold)
+    engines = ("batched", "naive") + SCREEN_ENGINES
+    if not isinstance(engine, str) or engine not in engines:
+        raise ValueError(f"unknown engine {engine!r}; valid: {engines}")
     check_bootstrap_size(n_prompts, confidence, n_boot)
     resolved_bands = resolve_bands(bands, model.cfg.n_layers)
     resolved_metric = Metric.resolve(metric)
