@@ -35,6 +35,7 @@ from .components import (
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
+from .selection import copies_of, duplicate_of
 from .sequence import is_right_padded, leading_pad_mask, padded_causal_mask, positions_from_mask
 from .tokenizer import ByteTokenizer
 from .weights import TLWeights
@@ -320,8 +321,11 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
 
     def source_table(self) -> pd.DataFrame:
         """One row per (router, source): ``router`` (hook prefix), ``layer`` (None for final),
-        ``sublayer``, ``source`` (index), ``family`` and ``label``. Plots, interventions and
-        reports name slices from this table."""
+        ``sublayer``, ``source`` (index), ``family``, ``label``, ``duplicate_of`` (the index of
+        the first source of the router holding the same tensor, from the layout; ``<NA>`` for a
+        first holder) and ``n_copies`` (how many sources hold that tensor). Plots,
+        interventions and reports name slices from this table."""
+        duplicates = duplicate_of(self._router_specs, self.cfg.flavour)
         rows = [
             {
                 "router": spec.name,
@@ -330,12 +334,16 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
                 "source": src.index,
                 "family": src.family,
                 "label": src.label,
+                "duplicate_of": duplicates[spec.name][src.index],
+                "n_copies": len(copies_of(duplicates[spec.name], src.index)),
             }
             for spec in self._router_specs
             for src in spec.sources
         ]
-        table = pd.DataFrame(rows, columns=["router", "layer", "sublayer", "source", "family", "label"])
+        columns = ["router", "layer", "sublayer", "source", "family", "label", "duplicate_of", "n_copies"]
+        table = pd.DataFrame(rows, columns=columns)
         table["layer"] = table["layer"].astype("Int64")
+        table["duplicate_of"] = table["duplicate_of"].astype("Int64")
         return table
 
     # ---------------------------------------------------------------------- forward pieces

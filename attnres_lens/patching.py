@@ -64,6 +64,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "source",
     "family",
     "label",
+    "n_copies",
     "mass",
     "metric_clean",
     "metric_ablated",
@@ -320,6 +321,7 @@ def sweep_sources(
     seed: int = 0,
     routers: Optional[Sequence[str]] = None,
     checkpoint_dir: Any = None,
+    merge_duplicates: bool = True,
 ) -> pd.DataFrame:
     """Intervene on each depth-source slice (or family, or group) in turn and measure the effect.
 
@@ -357,11 +359,18 @@ def sweep_sources(
             tokens and arguments, recompute only the missing rows (``docs/scale.md``). Under an
             initialised ``torch.distributed`` process group (``torchrun``) the rows are shared
             across the ranks and gathered, with or without it.
+        merge_duplicates: treat copies of one tensor at a router (the cumulative flavour's
+            snapshot that equals the stream, ``model.source_table()["duplicate_of"]``) as one
+            slice (default): its row intervenes on every copy with the same mode, its mass is
+            the sum of the copies' masses, and it is keyed by the first copy. ``False``: one
+            row per copy (zeroing one copy is then largely undone by the other, through the
+            sublayer's input norm).
 
     Returns:
         A DataFrame with one row per slice or group and columns ``router, layer, sublayer,
         source, family, label`` (``None``/``<NA>`` where a column does not apply to a group;
-        ``label`` then describes the group), ``mass``, ``metric_clean``, ``metric_ablated``,
+        ``label`` then describes the group), ``n_copies`` (slice rows: how many sources hold
+        the slice's tensor), ``mass``, ``metric_clean``, ``metric_ablated``,
         ``effect`` (means over prompts) and ``mass_per_prompt``, ``effect_per_prompt`` (1-D
         float arrays over prompts; ``effect = metric_ablated - metric_clean`` per prompt).
 
@@ -379,7 +388,7 @@ def sweep_sources(
 
         sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
                             bands=bands, reference=reference, max_batch_tokens=max_batch_tokens, target=target,
-                            factor=factor, seed=seed, routers=routers)
+                            factor=factor, seed=seed, routers=routers, merge_duplicates=merge_duplicates)
         (result,) = sharded_sweep(model, [model.validate_tokens(tokens)], metric=Metric.resolve(metric),
                                   sweep_kwargs=sweep_kwargs, checkpoint_dir=checkpoint_dir, progress=progress)
         return result.table
@@ -387,6 +396,7 @@ def sweep_sources(
         model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
         batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
         max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
+        merge_duplicates=merge_duplicates,
     ).table
 
 
@@ -429,12 +439,13 @@ def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"],
     groups, bands, routers = kwargs.pop("groups", "slice"), kwargs.pop("bands", None), kwargs.pop("routers", None)
     unit_indices = kwargs.pop("unit_indices", None)
     reference = kwargs.pop("reference", None)
+    merge_duplicates = kwargs.pop("merge_duplicates", True)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
     tokens = model.validate_tokens(tokens)
     settings = _sweep_settings(tokens, **kwargs)
     _check_resample_batches(settings, tokens.shape[0], reference)
-    units = sweep_units(model, groups, bands, routers)
+    units = sweep_units(model, groups, bands, routers, merge_duplicates)
     if unit_indices is not None:
         units = [units[i] for i in unit_indices]
     reference_values = _reference_values(model, settings, reference, tokens, units)
@@ -628,6 +639,7 @@ def _sweep_table(
     table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     table["layer"] = table["layer"].astype("Int64")
     table["source"] = table["source"].astype("Int64")
+    table["n_copies"] = table["n_copies"].astype("Int64")
     table.attrs.update(
         metric_clean_per_prompt=clean,
         mode=settings.mode,

@@ -72,7 +72,7 @@ MODEL_FIELDS = (
     "extra",
 )
 #: Keys of each entry of ``summary.json["models"][name]["groups"]``.
-GROUP_FIELDS = ("largest", "rank_correlation", "n_flags", "flags", "table", "timings", "figures")
+GROUP_FIELDS = ("largest", "rank_correlation", "n_flags", "flags", "duplicates", "table", "timings", "figures")
 DEFAULT_GROUPS = ("slice", "family_band")
 
 
@@ -230,10 +230,11 @@ class ProtocolSettings:
     seed: int = 0
     batch_size: Optional[int] = None
     bands: Any = None
+    merge_duplicates: bool = True
 
     def mass_vs_effect_options(self) -> dict[str, Any]:
         return {"mode": self.mode, "metric": self.metric, "n_boot": self.n_boot, "seed": self.seed,
-                "bands": self.bands, "batch_size": self.batch_size}
+                "bands": self.bands, "batch_size": self.batch_size, "merge_duplicates": self.merge_duplicates}
 
 
 def run_protocol(
@@ -255,6 +256,7 @@ def run_protocol(
     intro: str = "",
     overwrite: bool = False,
     checkpoint_dir: Optional[Union[str, Path]] = None,
+    merge_duplicates: bool = True,
 ) -> ProtocolResult:
     """Measure every subject on ``tokens`` and write the report into ``out_dir``.
 
@@ -263,7 +265,9 @@ def run_protocol(
     statistics of :func:`attnres_lens.attribution.routing_statistics` (content dependence, the
     spread of the routing weights over tokens); and
     :func:`attnres_lens.attribution.mass_vs_effect` for each grouping in ``groups``, with
-    ``mode``, ``metric``, ``n_boot``, ``seed``, ``bands`` and ``batch_size``.
+    ``mode``, ``metric``, ``n_boot``, ``seed``, ``bands`` and ``batch_size``; copies of one
+    tensor at a router are one slice unless ``merge_duplicates=False`` (each group's
+    ``duplicates`` entry says how many pairs there are and where).
 
     ``out_dir`` must not exist or be empty unless ``overwrite=True``, which replaces it. The run
     writes into a temporary directory beside it that takes its place only when everything
@@ -277,7 +281,8 @@ def run_protocol(
     from tqdm.auto import tqdm
 
     settings = ProtocolSettings(
-        mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands
+        mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands,
+        merge_duplicates=merge_duplicates,
     )
     _check_subjects(subjects, settings)
     check_output_dir(out_dir, overwrite=overwrite)
@@ -454,6 +459,7 @@ def _group_entry(report: Any, figures: dict[str, str]) -> dict[str, Any]:
         "rank_correlation": report_dict["rank_correlation"],
         "n_flags": n_flags,
         "flags": report_dict["flags"],
+        "duplicates": report_dict["settings"].get("duplicates"),
         "table": report_dict["table"],
         "timings": report_dict["timings"],
         "figures": figures,

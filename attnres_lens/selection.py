@@ -332,6 +332,73 @@ def slice_pairs(touched: Touched) -> list[SlicePair]:
     return [(spec.name, source) for spec, sources in touched for source in sources]
 
 
+# ============================================================================ duplicate sources
+def duplicate_of(specs: Sequence[RouterSpec], flavour: str) -> dict[str, tuple[Optional[int], ...]]:
+    """Per router, for each source, the index of the first source holding the *same tensor*
+    (``None`` for a source that is the first holder of its tensor), read from the layout.
+
+    Only the cumulative flavour has copies (``docs/concepts.md``): its history holds snapshots
+    of the stream ``x``, and a snapshot appended since the previous router is ``x`` itself,
+    because no sublayer has run in between (at the first router the embedding is both ``H[0]``
+    and ``x``; in block mode, with one layer per block, every attention router has such a pair;
+    in full mode every router does). So at a router that reads the current source, every
+    completed source that is new since the previous router (all of them at the first router)
+    and is last among the completed ones holds the current tensor. In the kimi flavour a
+    completed source is never also the current one: closing a block empties the current slot.
+    """
+    out: dict[str, tuple[Optional[int], ...]] = {}
+    previous_completed = 0
+    for spec in specs:
+        has_current = any(s.family == "current" for s in spec.sources)
+        n_completed = spec.n_sources - (1 if has_current else 0)
+        copies: list[Optional[int]] = [None] * spec.n_sources
+        if flavour == "cumulative" and has_current and n_completed > previous_completed:
+            copies[spec.n_sources - 1] = n_completed - 1  # the stream is the snapshot just taken
+        out[spec.name] = tuple(copies)
+        previous_completed = n_completed
+    return out
+
+
+def copies_of(duplicates: Sequence[Optional[int]], index: int) -> tuple[int, ...]:
+    """Every source holding the same tensor as source ``index`` (itself included), in order."""
+    first = index if duplicates[index] is None else duplicates[index]
+    return tuple(i for i, d in enumerate(duplicates) if i == first or d == first)
+
+
+def duplicate_pairs(model: "HookedAttnResTransformer") -> list[tuple[RouterSpec, tuple[int, ...]]]:
+    """The routers with copies of one tensor, each with the copies' indices (first holder first)."""
+    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    out = []
+    for spec in model.router_specs:
+        dup = duplicates[spec.name]
+        for index in range(spec.n_sources):
+            copies = copies_of(dup, index)
+            if dup[index] is None and len(copies) > 1:
+                out.append((spec, copies))
+    return out
+
+
+def merge_touched(
+    touched: Touched, duplicates: Mapping[str, Sequence[Optional[int]]], families: Optional[Sequence[str]]
+) -> Touched:
+    """``touched`` with copies of one tensor made one slice: every selected source brings its
+    copies along. With ``families`` (a family-based selection) a merged slice belongs to the
+    family of its first holder, so a copy whose first holder is of another family is left to
+    that family's row (families still partition the merged slices)."""
+    out = []
+    for spec, sources in touched:
+        dup = duplicates[spec.name]
+        picked: set[int] = set()
+        for source in sources:
+            first = source if dup[source] is None else dup[source]
+            if families is not None and spec.sources[first].family not in families:
+                continue
+            picked.update(copies_of(dup, first))
+        if picked:
+            out.append((spec, tuple(sorted(picked))))
+    return out
+
+
 # ============================================================================ bands
 #: Bands as users give them: ``None`` (the default early/late halves) or ``{name: layers}``.
 BandsLike = Optional[Mapping[str, Any]]
@@ -486,6 +553,9 @@ class SweepUnit:
     band: Optional[str] = None
     touched: Touched = None  # type: ignore[assignment]
     start: int = 0
+    #: a slice row: how many sources hold its tensor (2 when a duplicate pair was merged into
+    #: it); ``None`` for family and group rows
+    n_copies: Optional[int] = None
 
     @property
     def slices(self) -> list[SlicePair]:
@@ -495,13 +565,24 @@ class SweepUnit:
     def keys(self) -> dict[str, Any]:
         """The row's identifying columns, as in ``sweep_sources``."""
         return dict(router=self.router, layer=self.layer, sublayer=self.sublayer,
-                    source=self.source, family=self.family, label=self.label)
+                    source=self.source, family=self.family, label=self.label, n_copies=self.n_copies)
 
 
 def sweep_units(
-    model: "HookedAttnResTransformer", groups: Any, bands: BandsLike = None, routers: Optional[Sequence[str]] = None
+    model: "HookedAttnResTransformer",
+    groups: Any,
+    bands: BandsLike = None,
+    routers: Optional[Sequence[str]] = None,
+    merge_duplicates: bool = True,
 ) -> list[SweepUnit]:
-    """The rows of a sweep grouped by ``groups`` (see ``sweep_sources``), resolved."""
+    """The rows of a sweep grouped by ``groups`` (see ``sweep_sources``), resolved.
+
+    With ``merge_duplicates`` (the default) copies of one tensor at a router
+    (:func:`duplicate_of`) are one slice: a ``"slice"`` row holds every copy (keyed by the
+    first holder, labelled ``"after block 0 = stream"``), family rows follow the first holder's
+    family, and named groups bring the copies of their slices along (:func:`merge_touched`)."""
+    if not isinstance(merge_duplicates, bool):
+        raise TypeError(f"merge_duplicates must be a bool, got {merge_duplicates!r}")
     specs = _routers_to_sweep(model, groups, routers)
     if bands is not None and not (isinstance(groups, str) and groups == "family_band"):
         raise ValueError("bands= only applies to groups='family_band'")
@@ -519,12 +600,56 @@ def sweep_units(
     else:
         raise TypeError(f"groups must be one of {GROUPINGS} or a mapping label -> [(router, source)], got {groups!r}")
     step_of = {s.name: s.step for s in model.router_specs}
+    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    kept = []
     for unit in units:
         unit.touched = resolve_where(model, unit.where)
+        if merge_duplicates and not _merge_unit(unit, duplicates):
+            continue  # a copy, reported with its first holder's row
+        if isinstance(unit.where, Slice) or (merge_duplicates and unit.source is not None):
+            spec, (index, *_) = unit.touched[0]
+            unit.n_copies = len(copies_of(duplicates[spec.name], index))
         unit.start = min(step_of[spec.name] for spec, _ in unit.touched)
         if isinstance(groups, Mapping):
             _fill_common_keys(unit)
-    return units
+        kept.append(unit)
+    return kept
+
+
+def _merge_unit(unit: SweepUnit, duplicates: Mapping[str, Sequence[Optional[int]]]) -> bool:
+    """Make ``unit`` act on every copy of the tensors it selects; ``False`` when nothing is left
+    to it (a slice row of a later copy, or a family row all of whose sources are copies)."""
+    where = unit.where
+    if isinstance(where, Slice):
+        spec, (index,) = unit.touched[0]
+        if duplicates[spec.name][index] is not None:
+            return False
+        families = None
+    elif isinstance(where, Family):
+        families = (where.family,)
+    else:
+        families = where.families if where.slices is None else None
+    merged = merge_touched(unit.touched, duplicates, families)
+    if not merged:
+        return False
+    if merged != unit.touched:
+        labels = [_copies_label(spec, sources, duplicates[spec.name]) for spec, sources in merged]
+        if isinstance(where, Slice):
+            unit.label = labels[0]
+        elif isinstance(where, Family):
+            unit.label = f"{where.family}: {labels[0]}"
+        unit.where = Group(slices=tuple(slice_pairs(merged)), label=unit.label)
+        unit.touched = merged
+    return True
+
+
+def _copies_label(spec: RouterSpec, sources: Sequence[int], duplicates: Sequence[Optional[int]]) -> str:
+    """``"emb, after block 0 = stream"``: the sources' labels, copies of one tensor joined by ``=``."""
+    parts = []
+    for index in sources:
+        if duplicates[index] is None:
+            parts.append(" = ".join(spec.sources[i].label for i in copies_of(duplicates, index) if i in sources))
+    return ", ".join(parts)
 
 
 def _routers_to_sweep(
@@ -617,9 +742,13 @@ __all__ = [
     "as_where",
     "band_of",
     "default_bands",
+    "copies_of",
     "describe_router",
+    "duplicate_of",
+    "duplicate_pairs",
     "group_from_description",
     "layers_text",
+    "merge_touched",
     "resolve_bands",
     "resolve_positions",
     "resolve_where",

@@ -18,6 +18,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -176,7 +177,7 @@ def test_zero_estimate_is_the_derivative_along_zeroing(name):
     eps = 1e-3
     for _, row in ga.iterrows():
 
-        def scaled(e, i=int(row["source"])):
+        def scaled(e, i=_copies(model, row["router"], int(row["source"]))):
             def edit(t):
                 t[..., i] *= 1 - e
                 return t
@@ -258,16 +259,29 @@ def test_gradient_estimates_are_additive_over_positions_and_batches():
 
 
 # ============================================================================ mass vs effect
+def _copies(model, router, source):
+    """The sources holding the same tensor as ``source`` (from the source table), as a list."""
+    table = model.source_table()
+    at = table[table.router == router]
+    return [int(s) for s, d in zip(at.source, at.duplicate_of) if s == source or (not pd.isna(d) and d == source)]
+
+
 def _hooked_effects(model, tokens, mode):
-    """Per-slice effects on the mean loss by plain hooks at hook_weights, one forward each."""
+    """Per-slice effects on the mean loss by plain hooks at hook_weights, one forward each;
+    copies of one tensor are edited together (one slice)."""
     clean = _run_edited(model, tokens, model.router_specs[0].name, lambda t: t)
     out = {}
+    table = model.source_table()
     for spec in model.router_specs:
         for src in spec.sources:
             if mode == "mask" and spec.n_sources == 1:
                 continue
+            row = table[(table.router == spec.name) & (table.source == src.index)].iloc[0]
+            copies = _copies(model, spec.name, src.index)
+            if not pd.isna(row.duplicate_of) or (mode == "mask" and len(copies) == spec.n_sources):
+                continue  # a copy (merged into its first holder), or masking everything there
 
-            def edit(t, i=src.index):
+            def edit(t, i=copies):
                 t[..., i] = 0
                 return t / t.sum(-1, keepdim=True) if mode == "mask" else t
 
@@ -285,11 +299,12 @@ def test_effects_and_masses_match_plain_hooks(name, mode):
     assert len(t) == len(expected)
     for key, effect in expected.items():
         assert t.loc[key, "effect"] == pytest.approx(effect, abs=2e-5)
-    if mode == "mask":  # the single-source router's mask is undefined: dropped and listed
+    if mode == "mask":  # masking all of a router (one source, or both copies of it) is undefined: dropped and listed
         assert report.settings["undefined_rows"] == [] or all("[0]" in n for n in report.settings["undefined_rows"])
     _, cache = model.run_with_cache(tokens)
     for (router, source), row in t.iterrows():
-        w = cache[f"{router}.hook_weights"][:, :-1, source].double()  # positions the loss reads
+        copies = _copies(model, router, source)
+        w = cache[f"{router}.hook_weights"][:, :-1, copies].double().sum(-1)  # positions the loss reads
         assert row["mass"] == pytest.approx(float(w.mean()), abs=1e-6)
 
 

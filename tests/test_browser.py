@@ -122,7 +122,7 @@ def test_html_report_in_chromium(driver, model, tmp_path):
     assert count("return document.querySelectorAll('#tiny-figure-1 .heatmaplayer image').length") == 1
     assert count("return document.querySelectorAll('#tiny-figure-2 .scatterlayer .point').length") == len(report.table)
     assert count("return document.querySelectorAll('table.dataframe').length") >= 2
-    row = report.table.iloc[2]  # L0 mlp, source 0 (emb): heatmap row 1, column 0
+    row = report.table.iloc[1]  # L0 mlp, source 0 (emb): heatmap row 1, column 0 (L0 attn is one merged row)
     assert (row["router"], row["source"], row["label"]) == ("blocks.0.mlp_router", 0, "emb")
     text = _hover(driver, "tiny-figure-1", 1, 0)
     assert "blocks.0.mlp_router" in text and "source: emb" in text and "family: embedding" in text

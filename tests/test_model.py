@@ -146,7 +146,8 @@ def test_source_counts_follow_the_spec(flavour, mode, L, N):
 def test_source_table_columns_and_families():
     model = small_model("kimi", "block", n_layers=5, n_blocks=2)
     table = model.source_table()
-    assert list(table.columns) == ["router", "layer", "sublayer", "source", "family", "label"]
+    assert list(table.columns) == ["router", "layer", "sublayer", "source", "family", "label", "duplicate_of", "n_copies"]
+    assert table.duplicate_of.isna().all() and (table.n_copies == 1).all()  # kimi reads no tensor twice
     assert set(table.family) <= {"embedding", "current", "history"}
     assert (table[table.source == 0].family == "embedding").all()
     # layer 3 starts block 1 (P = 3): its attention router has no "current" source
@@ -157,6 +158,8 @@ def test_source_table_columns_and_families():
     assert final.layer.isna().all() and (final.sublayer == "final").all()
     cumulative = small_model("cumulative", "block", n_layers=4, n_blocks=2).source_table()
     assert list(cumulative[cumulative.router == "blocks.2.attn_router"].label) == ["emb", "after block 0", "stream"]
+    # the snapshot just taken is the stream: the layout marks the stream as its copy
+    assert list(cumulative[cumulative.router == "blocks.2.attn_router"].duplicate_of.astype(object).fillna(-1)) == [-1, -1, 1]
     assert "final_router" not in set(cumulative.router)
 
 

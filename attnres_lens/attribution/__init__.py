@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from ..selection import default_bands
 from .bootstrap import min_prompts_for_bootstrap
+from .estimate import estimate_effects
 from .gradients import gradient_attribution
 from .mass_effect import mass_vs_effect
 from .plots import plot_token_routing
@@ -44,6 +45,7 @@ from .thresholds import (
     DEFAULT_LOW_MASS_THRESHOLD,
     DEFAULT_MASS_THRESHOLD,
     FLAG_CAUSAL_WITHOUT_MASS,
+    FLAG_COMPENSATED_BY_DUPLICATE,
     FLAG_MASS_WITHOUT_CAUSAL_ROLE,
 )
 
@@ -52,10 +54,12 @@ __all__ = [
     "DEFAULT_LOW_MASS_THRESHOLD",
     "DEFAULT_MASS_THRESHOLD",
     "FLAG_CAUSAL_WITHOUT_MASS",
+    "FLAG_COMPENSATED_BY_DUPLICATE",
     "FLAG_MASS_WITHOUT_CAUSAL_ROLE",
     "MassEffectReport",
     "RoutingStatistics",
     "default_bands",
+    "estimate_effects",
     "gradient_attribution",
     "mass_vs_effect",
     "min_prompts_for_bootstrap",

@@ -33,6 +33,7 @@ def sweep_batches(
     bands: Optional[Mapping[str, tuple[int, ...]]],
     progress: bool,
     checkpoint_dir: Optional[Union[str, Path]] = None,
+    merge_duplicates: bool = True,
 ) -> SweepResult:
     """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
     concatenated across batches and the means recomputed over all prompts. Rows whose
@@ -44,7 +45,8 @@ def sweep_batches(
     rerun recomputes only what is missing (:mod:`.sharded`)."""
     if checkpoint_dir is not None or distributed.is_active():
         sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                            bands=bands if isinstance(groups, str) and groups == "family_band" else None)
+                            bands=bands if isinstance(groups, str) and groups == "family_band" else None,
+                            merge_duplicates=merge_duplicates)
         return join_batches(sharded_sweep(model, batches, metric=metric, sweep_kwargs=sweep_kwargs,
                                           checkpoint_dir=checkpoint_dir, progress=progress))
     results = []
@@ -57,7 +59,7 @@ def sweep_batches(
                 model, batch, mode=mode, metric=metric.for_prompts(torch.arange(offset, offset + n_prompts)),
                 groups=groups, positions=positions, batch_size=batch_size, engine=engine,
                 bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                progress=progress,
+                progress=progress, merge_duplicates=merge_duplicates,
             ))
         offset += n_prompts
     return join_batches(results)

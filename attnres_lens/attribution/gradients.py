@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..metrics import Metric
-from ..selection import SlicePair, resolve_positions
+from ..selection import SlicePair, resolve_positions, sweep_units
 from .data import as_batches, capture_weights_hooks, split_batch
 from .routing_stats import RoutingAccumulator
 
@@ -238,6 +238,7 @@ def gradient_attribution(
     *,
     positions: Any = None,
     batch_size: Optional[int] = None,
+    merge_duplicates: bool = True,
 ) -> pd.DataFrame:
     """First-order estimates of the effect of zeroing and of masking every depth-source slice,
     all from one forward and one backward pass per batch.
@@ -261,13 +262,21 @@ def gradient_attribution(
     [batch]`` such as :func:`attnres_lens.patching.logit_diff_metric`; ``"kl"`` is refused (its
     gradient at the clean run is 0). ``positions``: only these positions are intervened on.
 
-    Columns: ``router, layer, sublayer, source, family, label``, ``mass`` (mean alpha), ``grad``
-    (mean ``g_i`` per token), ``zero_estimate``, ``mask_estimate``, ``metric_clean``, and the
-    per-prompt arrays ``zero_estimate_per_prompt`` and ``mask_estimate_per_prompt``.
+    ``merge_duplicates`` (default): copies of one tensor at a router are one slice, as in
+    :func:`~attnres_lens.patching.sweep_sources` (its estimates are those of the set: zeroing
+    sums over the copies, masking renormalises over the rest).
+
+    Columns: ``router, layer, sublayer, source, family, label, n_copies``, ``mass`` (mean
+    alpha), ``grad`` (mean ``g_i`` per token), ``zero_estimate``, ``mask_estimate``,
+    ``metric_clean``, and the per-prompt arrays ``zero_estimate_per_prompt`` and
+    ``mask_estimate_per_prompt``.
     """
     batches = as_batches(model, tokens)
-    table = model.source_table()
-    groups = [[(r, int(s))] for r, s in zip(table["router"], table["source"])]
+    units = sweep_units(model, "slice", merge_duplicates=merge_duplicates)
+    table = pd.DataFrame([unit.keys() for unit in units])
+    table["layer"] = table["layer"].astype("Int64")
+    table["n_copies"] = table["n_copies"].astype("Int64")
+    groups = [unit.slices for unit in units]
     estimates = gradient_rows(model, batches, metric, groups, positions, batch_size)
     table["mass"] = estimates["mass"].mean(1)
     table["grad"] = estimates["grad"].mean(1)

@@ -21,6 +21,9 @@ from ..selection import (
     Group,
     SweepUnit,
     band_of,
+    copies_of,
+    duplicate_of,
+    duplicate_pairs,
     group_from_description,
     resolve_bands,
     resolve_positions,
@@ -30,15 +33,17 @@ from ..selection import (
 from .bootstrap import CI_METHODS, Interval, bootstrap_statistics, check_bootstrap_size, kendall_columns, spearman_columns
 from .data import as_batches
 from .exact import sweep_batches
+from .screen import SCREEN_ENGINES, add_screen_columns as _add_screen_columns, screened_sweep
 from .gradients import gradient_rows
 from .report import MassEffectReport
 from .routing_stats import RoutingAccumulator, RoutingStatistics, accumulate_routing
-from .tables import row_name
+from .tables import is_missing, router_label, row_name
 from .thresholds import (
     DEFAULT_EFFECT_THRESHOLD,
     DEFAULT_LOW_MASS_THRESHOLD,
     DEFAULT_MASS_THRESHOLD,
     FLAG_CAUSAL_WITHOUT_MASS,
+    FLAG_COMPENSATED_BY_DUPLICATE,
     FLAG_MASS_WITHOUT_CAUSAL_ROLE,
 )
 
@@ -98,6 +103,9 @@ def mass_vs_effect(
     progress: bool = False,
     top_k: int = 5,
     checkpoint_dir: Any = None,
+    merge_duplicates: bool = True,
+    screen_k: Optional[int] = None,
+    screen_control: Optional[int] = None,
 ) -> MassEffectReport:
     """Compare routing mass with causal effect, slice by slice (or group by group).
 
@@ -115,6 +123,26 @@ def mass_vs_effect(
       includes 0 or ``|effect| < effect_threshold``;
     - :data:`FLAG_CAUSAL_WITHOUT_MASS`: ``mass < low_mass_threshold``, the effect's CI excludes 0
       and ``|effect| >= effect_threshold``.
+
+    Duplicates: with ``merge_duplicates`` (default) the copies of one tensor at a router
+    (``model.source_table()["duplicate_of"]``) are one row, as in ``sweep_sources``. With
+    ``merge_duplicates=False`` every copy is its own row, and each copy whose merged slice has
+    a practically relevant effect that this copy alone does not reach half of is flagged
+    :data:`FLAG_COMPENSATED_BY_DUPLICATE` (column ``merged_effect``: the effect of intervening
+    on every copy, from one extra sweep row per pair). ``settings["duplicates"]`` says how many
+    pairs there are and where.
+
+    Engines: ``"batched"`` (default) and ``"naive"`` run the exact sweep on every row.
+    ``"estimate"`` runs none: every row's effect is :func:`estimate_effects`' ``"readout"``
+    estimate (modes zero, mask). ``"screen"`` ranks every row with that estimate, computes
+    exactly the ``screen_k`` rows of largest estimated ``|effect|`` (default ``max(top_k + 2,
+    5% of the rows)``) and a seeded random control subset of ``screen_control`` other rows
+    (default ``max(3, screen_k // 2)``), and keeps the estimate elsewhere. Column ``exact`` says which rows were
+    measured and ``estimate`` holds every row's estimate; ``settings["screen"]`` lists the
+    control rows the estimator missed (their exact ``|effect|`` would have put them in the
+    top ``screen_k``) and a bound on how many such rows the unmeasured rest may hold (AtP*'s
+    control-subset argument: with ``m`` misses among ``c`` uniformly drawn rows, a 95% upper
+    bound on the miss rate, times the unmeasured rows).
 
     Defaults: ``mass_threshold=0.2``, ``low_mass_threshold=0.05``, ``effect_threshold=0.01``
     (metric units: nats per token for ``"loss"``, about a 1% perplexity change).
@@ -140,18 +168,36 @@ def mass_vs_effect(
     if ci_method not in CI_METHODS:
         raise ValueError(f"ci_method must be one of {CI_METHODS}, got {ci_method!r}")
     thresholds = Thresholds(mass_threshold, low_mass_threshold, effect_threshold)
+    engines = ("batched", "naive") + SCREEN_ENGINES
+    if not isinstance(engine, str) or engine not in engines:
+        raise ValueError(f"unknown engine {engine!r}; valid: {engines}")
     check_bootstrap_size(n_prompts, confidence, n_boot)
     resolved_bands = resolve_bands(bands, model.cfg.n_layers)
     resolved_metric = Metric.resolve(metric)
     timings, clock = {}, time.perf_counter()
 
-    result = sweep_batches(
-        model, batches, mode=mode, metric=resolved_metric, groups=_sweep_groups(model, groups, resolved_bands),
-        positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
-        checkpoint_dir=checkpoint_dir,
-    )
+    sweep_groups = _sweep_groups(model, groups, resolved_bands)
+    screen_info = None
+    if engine in SCREEN_ENGINES:
+        if checkpoint_dir is not None:
+            raise ValueError(f"checkpoint_dir records exact sweeps; engine={engine!r} does not take it (use engine='batched')")
+        result, screen_info = screened_sweep(
+            model, batches, mode=mode, metric=resolved_metric, groups=sweep_groups, positions=positions,
+            batch_size=batch_size, bands=resolved_bands, merge_duplicates=merge_duplicates, engine=engine,
+            k=screen_k, control=screen_control, seed=seed, top_k=top_k,
+        )
+    else:
+        result = sweep_batches(
+            model, batches, mode=mode, metric=resolved_metric, groups=sweep_groups,
+            positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
+            merge_duplicates=merge_duplicates, checkpoint_dir=checkpoint_dir,
+        )
     rows, undefined_names = _defined_rows(result, resolved_bands, mode)
     check_finite(rows.sweep)
+    merged_effects = None
+    if not merge_duplicates:
+        exact_engine = "batched" if engine in SCREEN_ENGINES else engine
+        merged_effects = _merged_pair_effects(model, batches, rows, mode, resolved_metric, positions, batch_size, exact_engine)
     timings["sweep_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
     estimate_kind = mode if mode in ("zero", "mask") else None
@@ -164,7 +210,7 @@ def mass_vs_effect(
 
     intervals = _bootstrap_rows(rows, gradient_per_prompt, n_boot=n_boot, seed=seed, confidence=confidence, method=ci_method)
     report = _report(model, rows, intervals, routing, thresholds, top_k, estimate_kind,
-                     named_groups=not isinstance(groups, str))
+                     named_groups=not isinstance(groups, str), merged_effects=merged_effects)
     timings["statistics_s"] = time.perf_counter() - clock
     report.settings.update(
         mode=mode,
@@ -180,9 +226,65 @@ def mass_vs_effect(
         bands={name: list(layers) for name, layers in resolved_bands.items()},
         positions=resolve_positions(positions, int(batches[0].shape[1])),
         engine=engine,
+        duplicates=duplicates_summary(model, merge_duplicates, report.table),
     )
+    if screen_info is not None:
+        report.settings["screen"] = screen_info
+        _add_screen_columns(report, result)
     report.timings = {**timings, "total_s": time.perf_counter() - started}
     return report
+
+
+# ============================================================================ duplicates
+def duplicates_summary(model: "HookedAttnResTransformer", merged: bool, table: pd.DataFrame) -> dict:
+    """How many pairs of copies of one tensor the model's routers read, where, and whether the
+    report merged them (``settings["duplicates"]``)."""
+    pairs = duplicate_pairs(model)
+    where = [
+        f"{router_label(spec.layer, spec.sublayer)}: " + " = ".join(f"[{i}] {spec.sources[i].label}" for i in copies)
+        for spec, copies in pairs
+    ]
+    out = {"merged": merged, "n_pairs": len(pairs), "where": where}
+    if not merged:
+        out["n_compensated"] = int((table["flag"] == FLAG_COMPENSATED_BY_DUPLICATE).sum())
+    return out
+
+
+def _merged_pair_effects(
+    model: "HookedAttnResTransformer", batches: list[torch.Tensor], rows: Rows, mode: str, metric: Metric,
+    positions: Any, batch_size: Optional[int], engine: str,
+) -> dict[tuple[str, int], float]:
+    """Per-copy reports: the effect of intervening on every copy of each duplicated slice row,
+    keyed by each copy's ``(router, source)`` (one extra sweep row per pair)."""
+    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for unit in rows.units:
+        if unit.source is None or not unit.n_copies or unit.n_copies < 2:
+            continue
+        copies = copies_of(duplicates[unit.router], unit.source)
+        groups[f"{unit.router}: {copies}"] = [(unit.router, i) for i in copies]
+    if not groups:
+        return {}
+    result = sweep_batches(model, batches, mode=mode, metric=metric, groups=groups, positions=positions,
+                           batch_size=batch_size, engine=engine, bands=None, progress=False)
+    out = {}
+    for unit, effect in zip(result.units, result.table["effect"]):
+        for router, source in unit.slices:
+            out[(router, source)] = float(effect)
+    return out
+
+
+def _compensated(table: pd.DataFrame, merged_effects: dict, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's merged-pair effect (NaN for rows that are not a copy) and whether it is
+    compensated: the merged slice's ``|effect| >= effect_threshold`` while this copy's
+    ``|effect|`` is under half of it."""
+    merged = np.array([
+        merged_effects.get((router, int(source)), np.nan) if not is_missing(source) else np.nan
+        for router, source in zip(table["router"], table["source"])
+    ], dtype=float)
+    with np.errstate(invalid="ignore"):
+        compensated = (np.abs(merged) >= thresholds.effect) & (table["abs_effect"].to_numpy() < 0.5 * np.abs(merged))
+    return merged, compensated
 
 
 # ============================================================================ rows
@@ -319,9 +421,13 @@ def _report(
     estimate_kind: Optional[str],
     *,
     named_groups: bool,
+    merged_effects: Optional[dict] = None,
 ) -> MassEffectReport:
     table = _results_table(rows, intervals, routing, named_groups)
     table["flag"] = _flag_column(table, thresholds)
+    if merged_effects is not None:
+        table["merged_effect"], compensated = _compensated(table, merged_effects, thresholds)
+        table.loc[compensated, "flag"] = FLAG_COMPENSATED_BY_DUPLICATE
     agreement = None
     if "gradient" in intervals:
         agreement = gradient_agreement(table, rows.eligible, thresholds.effect, top_k, estimate_kind)
@@ -390,6 +496,9 @@ def _flag_column(table: pd.DataFrame, thresholds: Thresholds) -> np.ndarray:
 
 def _flag_reason(row: pd.Series, thresholds: Thresholds) -> str:
     interval = f"effect {row['effect']:+.4g} [{row['effect_low']:+.4g}, {row['effect_high']:+.4g}]"
+    if row["flag"] == FLAG_COMPENSATED_BY_DUPLICATE:
+        return (f"{interval} alone, but {row['merged_effect']:+.4g} intervening on every copy of "
+                "its tensor: the other copy undoes it")
     if row["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE:
         why = "CI includes 0" if not row["effect_ci_excludes_zero"] else f"|effect| < {thresholds.effect}"
         return f"mass {row['mass']:.3f} >= {thresholds.mass}; {interval}: {why}"

@@ -12,12 +12,47 @@ import pandas as pd
 from ..serialize import jsonable
 from . import plots
 from .routing_stats import RoutingStatistics
-from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
+from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_COMPENSATED_BY_DUPLICATE, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 from .tables import markdown_table
 
 if TYPE_CHECKING:  # annotations only
     from matplotlib.figure import Figure
 
+
+
+def duplicates_line(duplicates: dict) -> str:
+    """One line on the duplicate pairs (copies of one tensor at a router): merged or not, where."""
+    where = "; ".join(duplicates["where"][:8]) + (" ..." if len(duplicates["where"]) > 8 else "")
+    if duplicates["merged"]:
+        return (f"duplicates: {duplicates['n_pairs']} pairs of copies of one tensor, each merged into one "
+                f"slice (mass summed, every copy intervened on): {where}")
+    return (f"duplicates: {duplicates['n_pairs']} pairs of copies of one tensor reported per copy "
+            f"(merge_duplicates=False); {duplicates.get('n_compensated', 0)} copies flagged "
+            f"'{FLAG_COMPENSATED_BY_DUPLICATE}': {where}")
+
+
+#: What report.md says about the ``estimate`` column (engines "estimate" and "screen").
+ESTIMATE_NOTE = (
+    "The `estimate` column is the fast estimate of each row's effect (`estimate_effects`, method "
+    "`readout`: the intervened router and sublayer and the final readout recomputed exactly, the "
+    "paths through later sublayers to first order; see docs/attribution.md, \"Fast estimates and "
+    "the screen\"). It ranks rows well but usually underestimates large effects, so a gap between "
+    "`estimate` and `effect` on a measured row is expected, not a bug. Rows marked \"no (estimate)\" "
+    "were not measured: their `effect` *is* the estimate."
+)
+
+
+def screen_line(screen: dict) -> str:
+    """One line on the screen: what was measured exactly and what it may have missed."""
+    if screen["engine"] == "estimate" or not screen.get("k"):
+        return f"engine 'estimate': no row measured exactly; every effect is the estimate ({screen['n_rows']} rows)"
+    misses = ", ".join(screen["misses"][:4]) or "none"
+    return (
+        f"screen: {screen['k']} rows of largest estimated |effect| and {screen['n_control']} random control "
+        f"rows measured exactly ({screen['n_exact']} of {screen['n_rows']}); control rows the estimate "
+        f"missed: {screen['n_misses']} ({misses}); 95% bound on such rows among the "
+        f"{screen['n_unmeasured']} unmeasured: {screen['missed_bound']:.1f}"
+    )
 
 
 @dataclass
@@ -31,8 +66,11 @@ class MassEffectReport:
       the same intervention ``grad_estimate`` (with its CI) when available, ``eligible`` (False
       for single-source routers, whose mass is 1 by construction: they are kept in the table
       but left out of flags, the largest-slice comparison and the correlations) and ``flag``.
-    - ``flags``: the flagged rows (``flag`` is :data:`FLAG_MASS_WITHOUT_CAUSAL_ROLE` or
-      :data:`FLAG_CAUSAL_WITHOUT_MASS`) with a human ``reason``.
+    - ``flags``: the flagged rows (``flag`` is :data:`FLAG_MASS_WITHOUT_CAUSAL_ROLE`,
+      :data:`FLAG_CAUSAL_WITHOUT_MASS`, or in per-copy reports
+      :data:`FLAG_COMPENSATED_BY_DUPLICATE`) with a human ``reason``. Slice rows that merge
+      copies of one tensor have ``n_copies`` 2 and a label such as ``"after block 0 = stream"``;
+      ``settings["duplicates"]`` counts the pairs and says where they are.
     - ``largest``: per sublayer kind (``"attn"``, ``"mlp"``), the largest-mass and the
       largest-``|effect|`` rows, whether they coincide (``same``; rows tied for the largest mass,
       ``n_tied_for_mass``, all count as largest) and in what fraction of the bootstrap resamples
@@ -83,10 +121,19 @@ class MassEffectReport:
                     f"[{rc['low']:+.3f}, {rc['high']:+.3f}] over {self.rank_correlation['n']} rows"
                 )
         counts = self.flags["flag"].value_counts().to_dict() if len(self.flags) else {}
-        lines.append(
+        flag_text = (
             f"flags: {counts.get(FLAG_MASS_WITHOUT_CAUSAL_ROLE, 0)} '{FLAG_MASS_WITHOUT_CAUSAL_ROLE}', "
             f"{counts.get(FLAG_CAUSAL_WITHOUT_MASS, 0)} '{FLAG_CAUSAL_WITHOUT_MASS}'"
         )
+        if counts.get(FLAG_COMPENSATED_BY_DUPLICATE):
+            flag_text += f", {counts[FLAG_COMPENSATED_BY_DUPLICATE]} '{FLAG_COMPENSATED_BY_DUPLICATE}'"
+        lines.append(flag_text)
+        screen = self.settings.get("screen")
+        if screen is not None:
+            lines.append(screen_line(screen))
+        duplicates = self.settings.get("duplicates")
+        if duplicates and duplicates["n_pairs"]:
+            lines.append(duplicates_line(duplicates))
         if self.gradient_agreement:
             g = self.gradient_agreement
             lines.append(
@@ -122,10 +169,17 @@ class MassEffectReport:
             view["content dep."] = [
                 "" if pd.isna(c) else f"{c:.3f}" for c in t["content_dependence"]
             ]
+        screen = self.settings.get("screen")
+        if screen is not None and "estimate" in t:
+            view["estimate"] = [f"{e:+{floatfmt}}" for e in t["estimate"]]
+            view["exact?"] = ["yes" if x else "no (estimate)" for x in t["exact"]]
         view["flag"] = t["flag"]
         if max_rows is not None:
             view = view.head(max_rows)
-        parts = ["```", self.summary(), "```", "", markdown_table(view)]
+        parts = ["```", self.summary(), "```", ""]
+        if screen is not None:
+            parts += [ESTIMATE_NOTE, ""]
+        parts.append(markdown_table(view))
         if len(self.flags):
             parts += ["", "**Flags**", ""]
             parts += [f"- {r['name']}: **{r['flag']}** ({r['reason']})" for _, r in self.flags.iterrows()]

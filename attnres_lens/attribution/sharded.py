@@ -98,7 +98,8 @@ def sharded_sweep(
             "a sharded or checkpointed sweep does not take reference= (its tokens or cache would have "
             "to travel to every rank and into the manifest); run it without checkpoint_dir in one process"
         )
-    units = sweep_units(model, sweep_kwargs.get("groups", "slice"), sweep_kwargs.get("bands"), sweep_kwargs.get("routers"))
+    units = sweep_units(model, sweep_kwargs.get("groups", "slice"), sweep_kwargs.get("bands"), sweep_kwargs.get("routers"),
+                        sweep_kwargs.get("merge_duplicates", True))
     settings = {**sweep_kwargs, "metric": metric.name}
     manifest = sweep_manifest(model, batches, settings, units)
     distributed.check_same_everywhere("model, tokens and sweep settings", manifest)

@@ -10,11 +10,15 @@ DEFAULT_EFFECT_THRESHOLD = 0.01
 
 FLAG_MASS_WITHOUT_CAUSAL_ROLE = "mass without causal role"
 FLAG_CAUSAL_WITHOUT_MASS = "causal without mass"
+#: Per-copy reports (``merge_duplicates=False``): a copy whose ablation is undone by the other
+#: copy of the same tensor (the merged slice matters; this copy alone does not).
+FLAG_COMPENSATED_BY_DUPLICATE = "compensated by a duplicate"
 
 __all__ = [
     "DEFAULT_EFFECT_THRESHOLD",
     "DEFAULT_LOW_MASS_THRESHOLD",
     "DEFAULT_MASS_THRESHOLD",
     "FLAG_CAUSAL_WITHOUT_MASS",
+    "FLAG_COMPENSATED_BY_DUPLICATE",
     "FLAG_MASS_WITHOUT_CAUSAL_ROLE",
 ]

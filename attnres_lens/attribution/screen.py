@@ -1,0 +1,147 @@
+"""The screen: rank every row with the fast estimate, measure the top rows and a random
+control subset exactly, and bound what the estimate may have missed (AtP*'s recipe)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..metrics import Metric
+from ..patching import SWEEP_COLUMNS, SweepResult
+from .estimate import estimate_effects
+from .exact import sweep_batches
+from .tables import row_name
+
+if TYPE_CHECKING:  # annotations only
+    from ..model import HookedAttnResTransformer
+
+#: ``mass_vs_effect`` engines that use the estimate.
+SCREEN_ENGINES: tuple[str, ...] = ("estimate", "screen")
+
+
+def screened_sweep(
+    model: "HookedAttnResTransformer",
+    batches: list[torch.Tensor],
+    *,
+    mode: str,
+    metric: Metric,
+    groups: Any,
+    positions: Any,
+    batch_size: Optional[int],
+    bands: Mapping[str, tuple[int, ...]],
+    merge_duplicates: bool,
+    engine: str,
+    k: Optional[int],
+    control: Optional[int],
+    seed: int,
+    top_k: int,
+) -> tuple[SweepResult, dict]:
+    """A :class:`SweepResult` whose rows carry the exact effect where measured and the estimate
+    elsewhere, and the screen's account (``settings["screen"]``)."""
+    estimates = estimate_effects(
+        model, batches, mode=mode, metric=metric, groups=groups, positions=positions, batch_size=batch_size,
+        merge_duplicates=merge_duplicates, bands=bands,
+    )
+    units = estimates.attrs["units"]
+    n = len(units)
+    defined = np.flatnonzero(np.isfinite(estimates["estimate"].to_numpy()))
+    undefined = tuple(int(i) for i in np.flatnonzero(~np.isfinite(estimates["estimate"].to_numpy())))
+    measured, top, controls = _choose_rows(estimates, defined, engine, k, control, seed, top_k)
+    effect = np.vstack([np.asarray(v, dtype=float) for v in estimates["estimate_per_prompt"]])
+    clean = np.asarray(estimates.attrs["metric_clean_per_prompt"], dtype=float)
+    if measured:
+        exact = sweep_batches(
+            model, batches, mode=mode, metric=metric, groups={str(i): units[i].slices for i in measured},
+            positions=positions, batch_size=batch_size, engine="batched", bands=None, progress=False,
+            merge_duplicates=merge_duplicates,
+        )
+        for row, i in enumerate(measured):
+            effect[i] = np.asarray(exact.table["effect_per_prompt"].iloc[row], dtype=float)
+        clean = np.asarray(exact.table.attrs["metric_clean_per_prompt"], dtype=float)
+    table = _table(estimates, effect, clean, set(measured), mode, engine)
+    info = _screen_info(table, top, controls, defined, engine)
+    return SweepResult(table, units, undefined), info
+
+
+def _choose_rows(
+    estimates: pd.DataFrame, defined: np.ndarray, engine: str, k: Optional[int], control: Optional[int], seed: int, top_k: int
+) -> tuple[list[int], list[int], list[int]]:
+    """The rows to measure: the ``k`` largest ``|estimate|`` and ``control`` random others."""
+    if engine == "estimate":
+        return [], [], []
+    n = len(defined)
+    k = max(top_k + 2, math.ceil(0.05 * n)) if k is None else k
+    for name, value in (("screen_k", k), ("screen_control", control)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    k = min(k, n)
+    order = defined[np.argsort(-np.abs(estimates["estimate"].to_numpy()[defined]), kind="stable")]
+    top = [int(i) for i in order[:k]]
+    rest = order[k:]
+    control = min(max(3, k // 2) if control is None else control, len(rest))
+    rng = np.random.default_rng(seed)
+    controls = sorted(int(i) for i in rng.choice(rest, size=control, replace=False)) if control else []
+    return sorted(top + controls), top, controls
+
+
+def _table(estimates: pd.DataFrame, effect: np.ndarray, clean: np.ndarray, measured: set, mode: str, engine: str) -> pd.DataFrame:
+    table = estimates.drop(columns=["estimate_per_prompt"]).copy()
+    table["effect_per_prompt"] = list(effect)
+    table["effect"] = [float(np.mean(v)) for v in effect]
+    table["metric_clean"] = float(clean.mean())
+    table["metric_ablated"] = table["metric_clean"] + table["effect"]
+    extra = table[["estimate"]].copy()
+    out = table[list(SWEEP_COLUMNS)].copy()
+    out["estimate"] = extra["estimate"]
+    out["exact"] = [i in measured for i in range(len(out))]
+    out.attrs.update(metric_clean_per_prompt=clean, mode=mode, engine=engine)
+    return out
+
+
+def _screen_info(table: pd.DataFrame, top: list[int], controls: list[int], defined: np.ndarray, engine: str) -> dict:
+    """The screen's account: what was measured, the misses in the control subset and the bound."""
+    info: dict = {"engine": engine, "n_rows": int(len(defined)), "n_exact": int(len(top) + len(controls)),
+                  "k": len(top), "n_control": len(controls)}
+    if engine == "estimate" or not top:
+        return info
+    abs_effect = table["effect"].abs().to_numpy()
+    threshold = float(abs_effect[top].min())  # the smallest exact |effect| among the top-k
+    misses = [i for i in controls if abs_effect[i] > threshold]
+    unmeasured = int(len(defined) - len(top) - len(controls))
+    c = len(controls)
+    upper = _miss_rate_upper(len(misses), c) if c else 1.0
+    info.update(
+        threshold=threshold,
+        misses=[row_name(table.iloc[i]) for i in misses],
+        n_misses=len(misses),
+        miss_rate_upper95=upper,
+        n_unmeasured=unmeasured,
+        missed_bound=float(upper * unmeasured),
+    )
+    return info
+
+
+def _miss_rate_upper(m: int, c: int) -> float:
+    """A one-sided 95% (Clopper-Pearson) upper bound on a rate with ``m`` hits in ``c`` draws."""
+    import scipy.stats
+
+    if m >= c:
+        return 1.0
+    return float(scipy.stats.beta.ppf(0.95, m + 1, c - m))
+
+
+def add_screen_columns(report: Any, result: SweepResult) -> None:
+    """Copy the screen's ``estimate`` and ``exact`` columns into the report's table."""
+    keys = {row_name(r): (r["estimate"], r["exact"]) for _, r in result.table.iterrows()}
+    table = report.table
+    names = [row_name(r) for _, r in table.iterrows()] if "router" in table else list(table["name"])
+    table["estimate"] = [keys.get(n, (np.nan, False))[0] for n in names]
+    table["exact"] = [bool(keys.get(n, (np.nan, False))[1]) for n in names]
+
+
+__all__ = ["SCREEN_ENGINES", "add_screen_columns", "screened_sweep"]
