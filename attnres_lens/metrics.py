@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import numpy as np
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -180,3 +181,9 @@ class Metric:
                 f"(one value per prompt), got shape {tuple(out.shape)}"
             )
         return out.detach().float()
+
+
+def non_finite_prompts(values: Any) -> list[int]:
+    """Indices of the prompts whose metric value is NaN or infinite (empty when all are finite)."""
+    values = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=float)
+    return np.flatnonzero(~np.isfinite(values)).tolist()

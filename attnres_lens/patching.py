@@ -38,7 +38,7 @@ from .depth_patching import get_act_patch_depth_state
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
 from .interventions.compile import compile_interventions
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
-from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, per_prompt_kl, per_prompt_loss
+from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, non_finite_prompts, per_prompt_kl, per_prompt_loss
 from .model import HookedAttnResTransformer
 from .selection import (
     IndexSelector,
@@ -391,13 +391,36 @@ def sweep_sources(
                             factor=factor, seed=seed, routers=routers, merge_duplicates=merge_duplicates)
         (result,) = sharded_sweep(model, [model.validate_tokens(tokens)], metric=Metric.resolve(metric),
                                   sweep_kwargs=sweep_kwargs, checkpoint_dir=checkpoint_dir, progress=progress)
-        return result.table
-    return run_sweep(
-        model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
-        batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
-        max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
-        merge_duplicates=merge_duplicates,
-    ).table
+    else:
+        result = run_sweep(
+            model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
+            batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
+            max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
+            merge_duplicates=merge_duplicates,
+        )
+    warn_if_not_finite(result)
+    return result.table
+
+
+class NonFiniteMetricWarning(UserWarning):
+    """The metric was NaN or infinite on some prompt: those effects are not numbers."""
+
+
+def warn_if_not_finite(result: SweepResult) -> None:
+    """Say once, naming prompts and the first row, where the metric itself was not finite (rows
+    left undefined on purpose, masking every source of a router, are not counted)."""
+    clean = non_finite_prompts(result.table.attrs.get("metric_clean_per_prompt", []))
+    if clean:
+        warnings.warn(f"the metric is not finite on the clean run (prompt(s) {clean[:10]}); every effect "
+                      "on those prompts is NaN: a metric must return finite values", NonFiniteMetricWarning, stacklevel=3)
+        return
+    for position, (_, row) in enumerate(result.table.iterrows()):
+        prompts = [] if position in result.undefined else non_finite_prompts(row["effect_per_prompt"])
+        if prompts:
+            warnings.warn(f"the metric is not finite after intervening on {row['label']!r} (router={row['router']!r}, "
+                          f"source={row['source']!r}) on prompt(s) {prompts[:10]}; a metric must return finite "
+                          "values for every slice", NonFiniteMetricWarning, stacklevel=3)
+            return
 
 
 @dataclass
@@ -663,6 +686,7 @@ def _mass(weights: dict[str, Tensor], touched: Touched, read: list[int]) -> Floa
 
 __all__ = [
     "LogitDiff",
+    "NonFiniteMetricWarning",
     "SWEEP_COLUMNS",
     "SweepResult",
     "UndefinedInterventionWarning",

@@ -313,3 +313,26 @@ def test_group_spanning_routers_matches_naive(kimi, tokens):
     batched = sweep_sources(kimi, tokens, mode="zero", groups=groups, engine="batched", progress=False)
     assert_same(naive, batched)
     assert Group(slices=groups["late history"], label="x").label == "x"
+
+
+def test_a_metric_that_is_not_finite_is_named_by_sweeps_and_gradients(kimi):
+    """Issue K 4: a NaN metric is said, with the prompts, not returned as quiet NaN effects."""
+    import warnings
+
+    from attnres_lens.attribution import gradient_attribution
+    from attnres_lens.patching import NonFiniteMetricWarning
+
+    tokens = torch.randint(0, kimi.cfg.d_vocab, (3, 6))
+
+    def nan_on_prompt_1(logits, tokens):
+        values = logits[:, -1].float().logsumexp(-1)
+        return torch.where(torch.arange(len(values)) == 1, torch.full_like(values, float("nan")), values)
+
+    with pytest.warns(NonFiniteMetricWarning, match=r"not finite on the clean run \(prompt\(s\) \[1\]\)"):
+        table = sweep_sources(kimi, tokens, metric=nan_on_prompt_1, mode="zero")
+    assert np.isnan(np.stack(table["effect_per_prompt"])[:, 1]).all()
+    with pytest.raises(ValueError, match=r"not finite on the clean run \(prompt\(s\) \[1\]\)"):
+        gradient_attribution(kimi, tokens, metric=nan_on_prompt_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteMetricWarning)  # a finite metric says nothing
+        sweep_sources(kimi, tokens, metric=lambda logits, tokens: logits[:, -1].float().logsumexp(-1), mode="zero")

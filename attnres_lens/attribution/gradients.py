@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..metrics import Metric
+from ..metrics import Metric, non_finite_prompts
 from ..selection import SlicePair, resolve_positions, sweep_units
 from .data import as_batches, capture_weights_hooks, split_batch
 from .routing_stats import RoutingAccumulator
@@ -60,6 +60,12 @@ def gradient_pass(
                 "the metric must return one value per prompt, a tensor of shape "
                 f"[{tokens.shape[0]}], got "
                 f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
+            )
+        not_finite = non_finite_prompts(values)
+        if not_finite:
+            raise ValueError(
+                f"the metric is not finite on the clean run (prompt(s) {not_finite[:10]}); a metric must "
+                "return finite values"
             )
         if not values.requires_grad:
             raise ValueError("the metric's value does not depend differentiably on the logits")
