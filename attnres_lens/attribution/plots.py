@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 
 from ..names import SUBLAYERS
 from ..router import FAMILIES
@@ -366,14 +365,9 @@ def plot_token_routing(
         from ..viz import plot_token_routing as plotly_token_routing
 
         return save_plotly(plotly_token_routing(model, text_or_tokens, router, max_tokens=max_tokens), path)
-    if isinstance(text_or_tokens, str):
-        tokens = model.to_tokens(text_or_tokens)
-    elif isinstance(text_or_tokens, Tensor):
-        tokens = model.validate_tokens(text_or_tokens)
-    else:
-        raise TypeError(f"text_or_tokens must be a string or a token tensor, got {type(text_or_tokens).__name__}")
-    if tokens.shape[0] != 1:
-        raise ValueError(f"plot_token_routing shows one prompt; got a batch of {tokens.shape[0]}")
+    from ..viz.tokens import one_prompt  # the one rule for "one prompt" (imports no plotly)
+
+    tokens = one_prompt(model, text_or_tokens)
     specs = {s.name: s for s in model.router_specs}
     names = routers_to_plot(model, router)
     hooks = [f"{n}.hook_weights" for n in names]
