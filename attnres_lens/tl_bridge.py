@@ -57,6 +57,7 @@ if UNAVAILABLE_REASON is None:
 
     from . import hf  # noqa: F401  (registers the classes with AutoConfig / AutoModelForCausalLM)
     from .model import DepthState, HookedAttnResTransformer
+    from .names import router_alias
 
     class _OwnHooksBridge(GeneralizedComponent):
         """Runs the wrapped module of this library as it is and exposes its hook points.
@@ -70,6 +71,26 @@ if UNAVAILABLE_REASON is None:
             for name, child in original_component.named_children():
                 if isinstance(child, HookPoint):
                     setattr(self, name, child)
+
+    class EmbedBridge(_OwnHooksBridge):
+        """The token embedding, with TL's ``W_E`` ``[d_vocab, d_model]``."""
+
+        @property
+        def W_E(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            return self.original_component.weight
+
+    class UnembedBridge(_OwnHooksBridge):
+        """The LM head, with TL's ``W_U`` ``[d_model, d_vocab]`` and a zero ``b_U`` (the head
+        has no bias; the module itself is left as it is)."""
+
+        @property
+        def W_U(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            return self.original_component.weight.T
+
+        @property
+        def b_U(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            weight = self.original_component.weight
+            return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
     class RouterBridge(_OwnHooksBridge):
         """A :class:`~attnres_lens.router.DepthRouter`: its input is a list of sources, so it
@@ -90,7 +111,13 @@ if UNAVAILABLE_REASON is None:
 
         is_list_item = True
         hook_out_is_single_residual_stream = False
-        hook_aliases: dict = {}
+        #: The block-level router aliases HookedAttnResTransformer has, so that
+        #: ``transformer_lens.patching`` (which names ``blocks.{l}.hook_{name}``) reaches them.
+        hook_aliases: dict = {
+            router_alias(0, sub, part).split(".", 2)[2]: f"{sub}_router.hook_{part}"
+            for sub in ("attn", "mlp")
+            for part in ("sources", "logits", "weights")
+        }
 
         def set_original_component(self, original_component: nn.Module) -> None:
             super().set_original_component(original_component)
@@ -150,9 +177,9 @@ if UNAVAILABLE_REASON is None:
             self.weight_processing_conversions = {}
             self.supports_fold_ln = False
             self.supports_center_writing_weights = False
-            self.component_mapping = self._component_mapping(has_final_router=False)
+            self.component_mapping = self._component_mapping("kimi")
 
-        def _component_mapping(self, has_final_router: bool) -> dict:
+        def _component_mapping(self, flavour: str) -> dict:
             cfg = self.cfg
             block = AttnResBlockBridge(
                 name="model.blocks",
@@ -166,11 +193,13 @@ if UNAVAILABLE_REASON is None:
                     "mlp": _OwnHooksBridge("mlp", cfg),
                 },
             )
-            mapping: dict = {"embed": _OwnHooksBridge("model.embed", cfg), "blocks": block}
-            if has_final_router:
+            # TL tools read the stream contract from the template as well as from each block.
+            block.hook_out_is_single_residual_stream = flavour == "cumulative"
+            mapping: dict = {"embed": EmbedBridge("model.embed", cfg), "blocks": block}
+            if flavour == "kimi":
                 mapping["final_router"] = RouterBridge("model.final_router", cfg)
             mapping["ln_final"] = _OwnHooksBridge("model.ln_final", cfg)
-            mapping["unembed"] = _OwnHooksBridge("model.unembed", cfg)
+            mapping["unembed"] = UnembedBridge("model.unembed", cfg)
             return mapping
 
         def prepare_model(self, hf_model: Any) -> None:
@@ -183,7 +212,7 @@ if UNAVAILABLE_REASON is None:
                     f"{type(inner).__name__}"
                 )
             self.cfg.attnres_flavour = inner.cfg.flavour
-            self.component_mapping = self._component_mapping(inner.final_router is not None)
+            self.component_mapping = self._component_mapping(inner.cfg.flavour)
 
     def attnres_model(bridge: Any) -> "HookedAttnResTransformer":
         """The :class:`HookedAttnResTransformer` a bridge runs: the same modules and weights, for
