@@ -31,7 +31,6 @@ architecture against ``SUPPORTED_ARCHITECTURES`` *before* it discovers entry poi
 from __future__ import annotations
 
 import importlib.util
-import re
 from importlib.metadata import entry_points
 from typing import Any, Optional
 
