@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import autoregister
+
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it ("bundled" is the submodule itself)
@@ -51,6 +53,9 @@ _WHERE = {
     "run_protocol": "protocol",
     # interactive views (plotly, ipywidgets: imported on first use)
     "viz": "viz",
+    # Hugging Face-native classes (registered with the Auto classes, see below)
+    "Qwen3AttnResConfig": "hf",
+    "Qwen3AttnResForCausalLM": "hf",
 }
 
 __all__ = list(_WHERE)
@@ -63,6 +68,13 @@ def __getattr__(name: str) -> Any:
     value = module if name == _WHERE[name] else getattr(module, name)
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+# qwen3_attnres is registered with transformers' AutoConfig/AutoModelForCausalLM (see
+# attnres_lens.hf) now if transformers is imported already, else right after it is, so
+# AutoModelForCausalLM.from_pretrained and TransformerLens 4's boot_transformers load such
+# checkpoints without remote code, and ``import attnres_lens`` stays light.
+autoregister.install()
 
 
 def __dir__() -> list[str]:
@@ -81,6 +93,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         routing_statistics,
     )
     from .config import AttnResConfig, RoutingSchedule
+    from .hf import Qwen3AttnResConfig, Qwen3AttnResForCausalLM
     from .interventions import (
         Family,
         Group,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AttnResConfig, RoutingSchedule
+from .names import LIBRARY_KEY
 from .outputs import honour_umask
 from .tokenizer import N_BYTES, ByteTokenizer
 
@@ -47,7 +48,6 @@ SUPPORTED_ATTNRES_MODES = ("block", "full")
 SUPPORTED_GATE_TYPES = ("bias",)
 WRAP_SCHEDULES = {"kimi": ("uniform",), "cumulative": ("recency",)}
 DEFAULT_WRAP_BLOCKS = 8
-LIBRARY_KEY = "attnres_lens"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
@@ -320,7 +320,7 @@ def config_from_hf(
             routing_mode=routing_mode,
             n_blocks=n_blocks,
             router_bias=router_bias,
-            recency_bias_init=float(hf.get("attnres_recency_bias_init", 0.0)),
+            recency_bias_init=float(hf.get("attnres_recency_bias_init") or 0.0),
             dtype=dtype,
             device=device,
         )
@@ -630,11 +630,15 @@ def _from_module(source: nn.Module) -> "_SourceFiles":
     hf = config.to_dict()
     if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
         detect_format(hf, set())
-    if not hasattr(source, "lm_head"):
+    if callable(getattr(source, "checkpoint_state", None)):
+        weights = source.checkpoint_state()  # attnres_lens.hf's model: its tensors by checkpoint key
+    elif hasattr(source, "lm_head"):
+        weights = source.state_dict()  # references only; copied tensor by tensor below
+    else:
         raise TypeError(
-            f"{type(source).__name__} has no language-model head; pass a Qwen3ForCausalLM"
+            f"{type(source).__name__} has no language-model head; pass a Qwen3ForCausalLM or a "
+            "Qwen3AttnResForCausalLM"
         )
-    weights = source.state_dict()  # references only; copied tensor by tensor below
     if hf.get("tie_word_embeddings"):
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
 

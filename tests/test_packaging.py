@@ -48,6 +48,9 @@ def test_the_wheel_carries_the_mit_license_and_its_metadata(wheel):
     classifiers = metadata.get_all("Classifier")
     assert "Intended Audience :: Science/Research" in classifiers
     assert not any(c.startswith("License ::") for c in classifiers)  # PEP 639: the expression says it
+    urls = dict(entry.split(", ", 1) for entry in metadata.get_all("Project-URL"))
+    assert urls["Block AttnRes paper"] == "https://arxiv.org/abs/2603.15031"
+    assert urls["Mass vs. effect study"] == "https://arxiv.org/abs/2606.13168"
     assert metadata["Description-Content-Type"] == "text/markdown"
     assert metadata.get_payload().strip() == (ROOT / "DESCRIPTION.md").read_text().strip()
 
