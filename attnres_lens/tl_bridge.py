@@ -233,7 +233,7 @@ if UNAVAILABLE_REASON is None:
 
         if not isinstance(model, HookedAttnResTransformer):
             raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
-        hf_model = hf.Qwen3AttnResForCausalLM.from_model(model)
+        hf_model = hf.Qwen3AttnResForCausalLM.from_attnres_model(model)
         return TransformerBridge.boot_transformers(
             ARCHITECTURE, hf_model=hf_model, tokenizer=tokenizer, **boot_kwargs
         )
