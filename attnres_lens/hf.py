@@ -121,6 +121,10 @@ class Qwen3AttnResForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
         self.model = model if model is not None else HookedAttnResTransformer(config.to_attnres_config())
         self.post_init()
+        # The wrapper takes the mode of the model it wraps (HookedAttnResTransformer is built in
+        # eval mode), as transformers' from_pretrained returns eval models; TL's bridge and its
+        # patching refuse a module left in training mode.
+        self.train(self.model.training)
 
     @classmethod
     def from_attnres_model(cls, model: torch.nn.Module) -> "Qwen3AttnResForCausalLM":

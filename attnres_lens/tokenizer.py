@@ -58,3 +58,20 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def hf_byte_tokenizer():
+    """The byte tokenizer as a Hugging Face ``PreTrainedTokenizerFast`` (same ids, same
+    padding), for tools that require one, such as TransformerLens' ``TransformerBridge``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbol = bytes_to_unicode()  # byte -> the printable character byte-level BPE spells it with
+    model = models.BPE(vocab={symbol[b]: b for b in range(N_BYTES)}, merges=[])
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=symbol[ByteTokenizer.pad_token_id], padding_side="right"
+    )

@@ -1,0 +1,265 @@
+"""TransformerLens 4's ``TransformerBridge`` for ``qwen3_attnres`` checkpoints (see ``docs/tl4_bridge.md``).
+
+TL 4 loads every model with ``TransformerBridge.boot_transformers(name_or_dir)``: it builds the
+Hugging Face model (here :class:`attnres_lens.hf.Qwen3AttnResForCausalLM`, whose ``model`` child
+*is* a :class:`~attnres_lens.model.HookedAttnResTransformer`) and wraps its submodules in
+component bridges chosen by an architecture adapter. :class:`AttnResArchitectureAdapter` is that
+adapter. Its bridges run this library's modules unchanged and expose the hook points those
+modules already own, so the bridge and ``HookedAttnResTransformer`` fire the same hooks on the
+same tensors:
+
+- ``blocks.{l}.attn_router`` / ``blocks.{l}.mlp_router`` / ``final_router`` (kimi):
+  ``hook_sources``, ``hook_logits``, ``hook_weights``, ``hook_out`` (``docs/concepts.md``);
+- TL's sublayer hooks with TL's meanings: ``hook_embed``, ``blocks.{l}.hook_attn_in`` /
+  ``hook_attn_out`` / ``hook_mlp_in`` / ``hook_mlp_out``, ``blocks.{l}.attn.hook_{q,k,v,z,
+  pattern,attn_scores}``, ``blocks.{l}.mlp.hook_{pre,pre_linear,post}``, ``ln1``/``ln2``/
+  ``ln_final`` ``hook_scale``/``hook_normalized``, every component's ``hook_in``/``hook_out``;
+- cumulative only: ``blocks.{l}.hook_resid_pre/mid/post`` (the true residual stream; the block's
+  ``hook_in``/``hook_out``). Kimi blocks have no single residual stream: they are marked
+  ``hook_out_is_single_residual_stream = False`` and carry no resid hooks, as TL's DeepSeek-V4
+  adapter does, so TL's stream tools (logit lens, ``accumulated_resid``) refuse them.
+
+Registration. Importing this module registers the Hugging Face classes with ``transformers``'
+Auto classes and makes the architecture name known to TL. The adapter itself is declared under
+the entry-point group ``transformer_lens.architectures``, which TL reads when it picks an adapter;
+where the package runs without installed metadata (a source checkout), the same class is
+registered with ``ArchitectureAdapterFactory.register_adapter`` instead. Both steps are needed on
+TL 3.9 and 4.3: ``boot_transformers`` reads the config through ``AutoConfig`` and checks the
+architecture against ``SUPPORTED_ARCHITECTURES`` *before* it discovers entry points.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib.metadata import entry_points
+from typing import Any, Optional
+
+ARCHITECTURE = "Qwen3AttnResForCausalLM"
+ENTRY_POINT_GROUP = "transformer_lens.architectures"
+ENTRY_POINT_VALUE = "attnres_lens.tl_bridge:AttnResArchitectureAdapter"
+
+#: Why the bridge is unavailable in this environment (``None`` when it is available).
+UNAVAILABLE_REASON: Optional[str] = (
+    None
+    if importlib.util.find_spec("transformer_lens.model_bridge") is not None
+    else "this TransformerLens has no transformer_lens.model_bridge (TransformerBridge needs TL >= 3.9)"
+)
+
+if UNAVAILABLE_REASON is None:
+    import torch
+    from torch import nn
+    from transformer_lens.factories import architecture_adapter_factory
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    from . import hf  # noqa: F401  (registers the classes with AutoConfig / AutoModelForCausalLM)
+    from .model import DepthState, HookedAttnResTransformer
+    from .names import router_alias
+
+    class _OwnHooksBridge(GeneralizedComponent):
+        """Runs the wrapped module of this library as it is and exposes its hook points.
+
+        The module's own ``HookPoint`` children become the bridge's (the same objects), so a
+        hook added through the bridge is a hook on the module. ``hook_in``/``hook_out`` keep TL's
+        meaning (the component's input and output) and fire around the call."""
+
+        def set_original_component(self, original_component: nn.Module) -> None:
+            super().set_original_component(original_component)
+            for name, child in original_component.named_children():
+                if isinstance(child, HookPoint):
+                    setattr(self, name, child)
+
+    class EmbedBridge(_OwnHooksBridge):
+        """The token embedding, with TL's ``W_E`` ``[d_vocab, d_model]``."""
+
+        @property
+        def W_E(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            return self.original_component.weight
+
+    class UnembedBridge(_OwnHooksBridge):
+        """The LM head, with TL's ``W_U`` ``[d_model, d_vocab]`` and a zero ``b_U`` (the head
+        has no bias; the module itself is left as it is)."""
+
+        @property
+        def W_U(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            return self.original_component.weight.T
+
+        @property
+        def b_U(self) -> torch.Tensor:  # noqa: N802 (TL's name)
+            weight = self.original_component.weight
+            return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    class RouterBridge(_OwnHooksBridge):
+        """A :class:`~attnres_lens.router.DepthRouter`: its input is a list of sources, so it
+        has no ``hook_in``; ``hook_out`` is the router's own (the mixed input of the sublayer)."""
+
+        def __init__(self, name: str, config: Any = None):
+            super().__init__(name, config)
+            _drop_hook(self, "hook_in")
+
+        def forward(self, sources: list) -> Any:
+            return self.original_component(sources)
+
+    class AttnResBlockBridge(_OwnHooksBridge):
+        """An :class:`~attnres_lens.model.AttnResBlock`, which maps a ``DepthState`` to a
+        ``DepthState``. Cumulative blocks carry a true residual stream: ``hook_in``/``hook_out``
+        are the block's ``hook_resid_pre``/``hook_resid_post``. Kimi blocks do not: they have no
+        ``hook_in``/``hook_out``/``hook_resid_*`` and are not a single residual stream."""
+
+        is_list_item = True
+        hook_out_is_single_residual_stream = False
+        #: The block-level router aliases HookedAttnResTransformer has, so that
+        #: ``transformer_lens.patching`` (which names ``blocks.{l}.hook_{name}``) reaches them.
+        hook_aliases: dict = {
+            router_alias(0, sub, part).split(".", 2)[2]: f"{sub}_router.hook_{part}"
+            for sub in ("attn", "mlp")
+            for part in ("sources", "logits", "weights")
+        }
+
+        def set_original_component(self, original_component: nn.Module) -> None:
+            super().set_original_component(original_component)
+            self._layer = original_component.layer
+            if original_component.cfg.flavour == "cumulative":
+                self.hook_in = original_component.hook_resid_pre
+                self.hook_out = original_component.hook_resid_post
+                self.hook_out_is_single_residual_stream = True
+            else:
+                _drop_hook(self, "hook_in")
+                _drop_hook(self, "hook_out")
+                self.hook_out_is_single_residual_stream = False
+
+        def forward(self, state: DepthState, *args: Any, **kwargs: Any) -> DepthState:
+            self._refuse_layer_bounds(state)
+            return self.original_component(state, *args, **kwargs)
+
+        def _refuse_layer_bounds(self, state: DepthState) -> None:
+            if getattr(self, "_start_at_layer_idx", None) is not None:
+                raise NotImplementedError(
+                    "start_at_layer is not supported on an AttnRes bridge: a residual tensor alone "
+                    "cannot restart a routed model, whose routers also read earlier sources. Use "
+                    "HookedAttnResTransformer's forward(state, start_at_layer=L) with the DepthState "
+                    "from forward(tokens, stop_at_layer=L, return_type='state')."
+                )
+            stop = getattr(self, "_stop_at_layer_idx", None)
+            if stop is None:
+                return
+            if not self.hook_out_is_single_residual_stream:
+                raise NotImplementedError(
+                    "stop_at_layer returns the residual stream, and a kimi-flavour AttnRes model has "
+                    "none (its routers read a list of sources). Use HookedAttnResTransformer's "
+                    "forward(tokens, stop_at_layer=L, return_type='state') for the sources."
+                )
+            if stop == self._layer:
+                raise StopAtLayerException(self.hook_in(state.current))
+
+    def _drop_hook(component: GeneralizedComponent, name: str) -> None:
+        """Remove a hook point the base class created but this component cannot fire."""
+        component._hook_registry.pop(name, None)
+        component._modules.pop(name, None)
+
+    class AttnResArchitectureAdapter(ArchitectureAdapter):
+        """TL adapter for ``Qwen3AttnResForCausalLM`` (both flavours, block and full mode).
+
+        Weight processing (``fold_ln``, centering) is not offered: folding a norm into the
+        weights that read it changes what the routers read. ``enable_compatibility_mode``
+        therefore leaves the weights as they are."""
+
+        supports_fold_ln = False
+        supports_center_writing_weights = False
+
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            self._set_rms_rotary_defaults()
+            self.cfg.default_prepend_bos = False
+            self.weight_processing_conversions = {}
+            self.supports_fold_ln = False
+            self.supports_center_writing_weights = False
+            self.component_mapping = self._component_mapping("kimi")
+
+        def _component_mapping(self, flavour: str) -> dict:
+            cfg = self.cfg
+            block = AttnResBlockBridge(
+                name="model.blocks",
+                config=cfg,
+                submodules={
+                    "attn_router": RouterBridge("attn_router", cfg),
+                    "ln1": _OwnHooksBridge("ln1", cfg),
+                    "attn": _OwnHooksBridge("attn", cfg),
+                    "mlp_router": RouterBridge("mlp_router", cfg),
+                    "ln2": _OwnHooksBridge("ln2", cfg),
+                    "mlp": _OwnHooksBridge("mlp", cfg),
+                },
+            )
+            # TL tools read the stream contract from the template as well as from each block.
+            block.hook_out_is_single_residual_stream = flavour == "cumulative"
+            mapping: dict = {"embed": EmbedBridge("model.embed", cfg), "blocks": block}
+            if flavour == "kimi":
+                mapping["final_router"] = RouterBridge("model.final_router", cfg)
+            mapping["ln_final"] = _OwnHooksBridge("model.ln_final", cfg)
+            mapping["unembed"] = UnembedBridge("model.unembed", cfg)
+            return mapping
+
+        def prepare_model(self, hf_model: Any) -> None:
+            """Check the model is ours and add the kimi final router to the mapping."""
+            inner = getattr(hf_model, "model", None)
+            if not isinstance(inner, HookedAttnResTransformer):
+                raise TypeError(
+                    f"{type(self).__name__} bridges {ARCHITECTURE} models whose .model is a "
+                    f"HookedAttnResTransformer; got {type(hf_model).__name__} with .model of type "
+                    f"{type(inner).__name__}"
+                )
+            self.cfg.attnres_flavour = inner.cfg.flavour
+            self.component_mapping = self._component_mapping(inner.cfg.flavour)
+
+    def attnres_model(bridge: Any) -> "HookedAttnResTransformer":
+        """The :class:`HookedAttnResTransformer` a bridge runs: the same modules and weights, for
+        this library's sweeps, attribution and reports (nothing is copied or reloaded)."""
+        model = getattr(getattr(bridge, "original_model", None), "model", None)
+        if not isinstance(model, HookedAttnResTransformer):
+            raise TypeError(
+                f"expected a TransformerBridge over {ARCHITECTURE}, got {type(bridge).__name__}"
+            )
+        return model
+
+    def bridge_from_model(model: "HookedAttnResTransformer", tokenizer: Any, **boot_kwargs: Any) -> Any:
+        """A ``TransformerBridge`` over an already loaded ``model`` (no second read from disk).
+
+        ``tokenizer`` is a Hugging Face tokenizer (TL requires one). The bridge wraps the
+        model's submodules in place: they compute what they computed and keep firing the same
+        hook points, so ``model`` stays usable with this library's tools."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if not isinstance(model, HookedAttnResTransformer):
+            raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
+        hf_model = hf.Qwen3AttnResForCausalLM.from_attnres_model(model)
+        return TransformerBridge.boot_transformers(
+            ARCHITECTURE, hf_model=hf_model, tokenizer=tokenizer, **boot_kwargs
+        )
+
+
+def entry_point_installed() -> bool:
+    """Whether installed package metadata declares this adapter for TL (a ``pip install``)."""
+    return any(
+        ep.name == ARCHITECTURE and ep.value == ENTRY_POINT_VALUE
+        for ep in entry_points(group=ENTRY_POINT_GROUP)
+    )
+
+
+def register() -> None:
+    """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints (idempotent).
+
+    TL checks the architecture name against ``SUPPORTED_ARCHITECTURES`` before it discovers
+    entry points, so the name is added there. The adapter comes from the entry point when the
+    package is installed; otherwise it is registered here."""
+    if UNAVAILABLE_REASON is not None:
+        return
+    architecture_adapter_factory.SUPPORTED_ARCHITECTURES.setdefault(ARCHITECTURE, AttnResArchitectureAdapter)
+    if not entry_point_installed():
+        architecture_adapter_factory.ArchitectureAdapterFactory.register_adapter(
+            ARCHITECTURE, AttnResArchitectureAdapter
+        )
+
+
+register()

@@ -1,0 +1,228 @@
+"""TransformerLens' TransformerBridge over qwen3_attnres checkpoints (``attnres_lens.tl_bridge``).
+
+The bridge runs this library's modules, so every comparison is against
+``HookedAttnResTransformer.from_pretrained`` on the same directory; that model's own numbers are
+checked against Hugging Face's Qwen3 elsewhere (tests/test_loading.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnres_lens import HookedAttnResTransformer, tl_bridge
+from attnres_lens.compat import PATCHING_HAS_REDUCE, patching
+from attnres_lens.tokenizer import ByteTokenizer, hf_byte_tokenizer
+from reference import tiny_attnres
+
+pytestmark = pytest.mark.skipif(
+    tl_bridge.UNAVAILABLE_REASON is not None, reason=str(tl_bridge.UNAVAILABLE_REASON)
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+TOKENS = torch.tensor([list(b"The router reads depth."), list(b"Blocks close; sources grow")[:23]])
+
+
+def _boot(directory, **kwargs):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(str(directory), device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module", params=["kimi", "cumulative"])
+def pair(request, tmp_path_factory):
+    """(bridge, our model) loaded from one tiny checkpoint directory."""
+    directory = tmp_path_factory.mktemp(request.param)
+    tiny_attnres(request.param).save_pretrained(directory)
+    bridge = _boot(directory, tokenizer=hf_byte_tokenizer())
+    return bridge, HookedAttnResTransformer.from_pretrained(directory)
+
+
+def _router_names(model):
+    return [spec.name for spec in model.router_specs]
+
+
+def test_boot_picks_our_adapter_and_the_plain_forward_is_our_model(pair):
+    bridge, ours = pair
+    assert type(bridge.adapter) is tl_bridge.AttnResArchitectureAdapter
+    assert tl_bridge.attnres_model(bridge).cfg.flavour == ours.cfg.flavour
+    with torch.no_grad():
+        # TL boots with output_attentions=True, so the attention patterns are materialised
+        # (float32 rounding of an explicit softmax instead of the fused kernel)
+        assert (bridge(TOKENS) - ours(TOKENS)).abs().max() < TOL
+        assert torch.allclose(bridge(TOKENS, return_type="loss"), ours(TOKENS, return_type="loss"))
+
+
+def test_run_with_cache_gives_our_routing_and_logits(pair):
+    bridge, ours = pair
+    logits, cache = bridge.run_with_cache(TOKENS)
+    ref_logits, ref_cache = ours.run_with_cache(TOKENS)
+    assert (logits - ref_logits).abs().max() < TOL
+    names = _router_names(ours)
+    assert ("final_router" in names) == (ours.cfg.flavour == "kimi")
+    for router in names:
+        for part in ("sources", "logits", "weights", "out"):
+            key = f"{router}.hook_{part}"
+            assert (cache[key] - ref_cache[key]).abs().max() < TOL, key
+    # TL's sublayer hooks, with TL's meanings, are the same tensors as ours
+    for key in ("hook_embed", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_in", "blocks.2.attn.hook_pattern",
+                "blocks.2.mlp.hook_post", "blocks.3.ln2.hook_normalized", "ln_final.hook_normalized"):
+        assert (cache[key] - ref_cache[key]).abs().max() < TOL, key
+
+
+def test_editing_routing_mass_on_the_bridge_changes_the_output_as_on_our_model(pair):
+    bridge, ours = pair
+
+    def to_first_source(mass, hook):
+        out = torch.zeros_like(mass)
+        out[..., 0] = 1.0
+        return out
+
+    hooks = [("blocks.2.attn_router.hook_weights", to_first_source)]
+    with torch.no_grad():
+        clean = ours(TOKENS)
+        edited = bridge.run_with_hooks(TOKENS, fwd_hooks=hooks)
+        expected = ours.run_with_hooks(TOKENS, fwd_hooks=hooks)
+    assert (edited - clean).abs().max() > 1e-2  # the edit matters
+    assert (edited - expected).abs().max() < TOL
+    assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())  # removed afterwards
+
+
+def test_generic_activation_patch_runs_on_the_bridge_as_on_our_model(pair):
+    bridge, ours = pair
+    clean, corrupted = TOKENS[:1], TOKENS[1:]
+    answer = int(clean[0, -1])
+
+    def metric(logits):
+        return logits[0, -1, answer]
+
+    results = []
+    for model in (bridge, ours):
+        _, clean_cache = model.run_with_cache(clean)
+        kwargs = {"reduce": "scalar"} if PATCHING_HAS_REDUCE else {}
+        results.append(
+            patching.generic_activation_patch(
+                model, corrupted, clean_cache, metric, patching.layer_pos_patch_setter, "mlp_router_weights",
+                index_axis_names=("layer", "pos"), **kwargs,
+            )
+        )
+    on_bridge, on_ours = results
+    assert on_bridge.shape == (ours.cfg.n_layers, clean.shape[1])
+    assert on_bridge.abs().max() > 0 and (on_bridge - on_ours).abs().max() < TOL
+
+
+def test_kimi_blocks_refuse_stream_tools_and_cumulative_keeps_the_stream(pair):
+    bridge, ours = pair
+    _, cache = bridge.run_with_cache(TOKENS)
+    if ours.cfg.flavour == "kimi":
+        assert not any(b.hook_out_is_single_residual_stream for b in bridge.blocks)
+        assert not bridge.adapter.component_mapping["blocks"].hook_out_is_single_residual_stream
+        assert not any("hook_resid" in name for name in bridge.hook_dict)
+        with pytest.raises(KeyError, match="hook_resid_pre"):
+            cache.accumulated_resid()
+        with pytest.raises(NotImplementedError, match="kimi-flavour AttnRes model has none"):
+            bridge(TOKENS, stop_at_layer=2)
+        logit_lens = _tl_logit_lens()
+        if logit_lens is not None:
+            with pytest.raises(ValueError, match="single-stream"):
+                logit_lens(bridge, TOKENS)
+        return
+    assert all(b.hook_out_is_single_residual_stream for b in bridge.blocks)
+    pre, mid = cache["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_mid"]
+    assert torch.allclose(mid, pre + cache["blocks.1.hook_attn_out"], atol=TOL)
+    assert torch.equal(cache["blocks.1.hook_in"], pre)
+    assert torch.equal(cache["blocks.1.hook_out"], cache["blocks.2.hook_resid_pre"])
+    with torch.no_grad():
+        assert (bridge(TOKENS, stop_at_layer=2) - ours(TOKENS, stop_at_layer=2)).abs().max() < TOL
+    assert cache.accumulated_resid().shape[0] == ours.cfg.n_layers + 1
+    logit_lens = _tl_logit_lens()
+    if logit_lens is not None:  # the last entry of the lens is the model's prediction
+        lens = logit_lens(bridge, TOKENS)
+        assert (lens.values[-1] - bridge(TOKENS)[:, -1]).abs().max() < 1e-4
+
+
+def _tl_logit_lens():
+    try:
+        from transformer_lens.tools.analysis.logit_lens import logit_lens
+    except ImportError:  # TL 3.9 has no logit lens
+        return None
+    return logit_lens
+
+
+def test_start_at_layer_is_refused_with_the_reason(pair):
+    bridge, _ = pair
+    # TL feeds the residual as inputs_embeds, which the Hugging Face model refuses
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        bridge(torch.zeros(1, 4, bridge.cfg.d_model), start_at_layer=1)
+
+
+def test_the_hf_byte_tokenizer_is_the_byte_tokenizer():
+    text = "Routing — depth ü\x01!"
+    ours, hf = ByteTokenizer(), hf_byte_tokenizer()
+    assert hf.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert hf.decode(ours.encode(text)) == text
+    assert hf.pad_token_id == ours.pad_token_id and hf.bos_token_id is None
+
+
+def test_bridge_from_model_shares_the_weights_of_a_loaded_model():
+    model = tiny_attnres("kimi")
+    with torch.no_grad():
+        expected = model(TOKENS)
+    bridge = tl_bridge.bridge_from_model(model, hf_byte_tokenizer(), device="cpu")
+    assert tl_bridge.attnres_model(bridge) is model
+    with torch.no_grad():
+        assert torch.equal(bridge(TOKENS), expected)
+        assert torch.equal(model(TOKENS), expected)  # our model still runs, through the bridge's wrappers
+    with pytest.raises(TypeError, match="HookedAttnResTransformer"):
+        tl_bridge.bridge_from_model(object(), hf_byte_tokenizer())
+
+
+def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
+    """In a fresh interpreter: the entry point declared in pyproject.toml (installed, or put on
+    the path as package metadata when this checkout is not installed with it) gives TL our
+    adapter without any register_adapter call; importing attnres_lens.hf alone is not enough,
+    because TL checks SUPPORTED_ARCHITECTURES before it reads entry points."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared[tl_bridge.ENTRY_POINT_GROUP] == {tl_bridge.ARCHITECTURE: tl_bridge.ENTRY_POINT_VALUE}
+    checkpoint = tmp_path / "ckpt"
+    tiny_attnres("cumulative").save_pretrained(checkpoint)
+    hf_byte_tokenizer().save_pretrained(checkpoint)  # boot_transformers reads it from the directory
+    path = [str(ROOT)]
+    if not tl_bridge.entry_point_installed():
+        site = tmp_path / "site"
+        dist = site / "attnres_lens_entry_point_probe-0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: attnres-lens-entry-point-probe\nVersion: 0\n")
+        (dist / "entry_points.txt").write_text(
+            f"[{tl_bridge.ENTRY_POINT_GROUP}]\n{tl_bridge.ARCHITECTURE} = {tl_bridge.ENTRY_POINT_VALUE}\n"
+        )
+        path.insert(0, str(site))
+    script = textwrap.dedent(f"""
+        import attnres_lens.hf
+        from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+        from transformer_lens.model_bridge import TransformerBridge
+        try:
+            TransformerBridge.boot_transformers({str(checkpoint)!r}, device="cpu")
+        except ValueError as err:
+            assert "Could not determine supported architecture" in str(err), err
+            print("HF-ONLY-REFUSED")
+        import attnres_lens.tl_bridge as tl_bridge
+        assert tl_bridge.entry_point_installed()
+        assert {tl_bridge.ARCHITECTURE!r} not in ArchitectureAdapterFactory._adapters  # nothing registered by hand
+        bridge = TransformerBridge.boot_transformers({str(checkpoint)!r}, device="cpu")
+        assert type(bridge.adapter) is tl_bridge.AttnResArchitectureAdapter
+        print("ENTRY-POINT-OK", bridge.to_tokens("ab", prepend_bos=False).tolist())
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "HF-ONLY-REFUSED" in out.stdout  # the SUPPORTED_ARCHITECTURES trap, on this TL
+    assert "ENTRY-POINT-OK [[97, 98]]" in out.stdout  # the directory's (byte) tokenizer, offline
