@@ -1,10 +1,16 @@
-"""Register ``qwen3_attnres`` with ``transformers``' Auto classes as soon as ``transformers`` is
-imported, without importing it (or torch) when ``attnres_lens`` is imported.
+"""Register ``qwen3_attnres`` with ``transformers`` and TransformerLens as soon as they are
+imported, without importing either (or torch) when ``attnres_lens`` is imported.
 
-``import attnres_lens`` calls :func:`install`: if ``transformers`` is imported already the classes
-of :mod:`attnres_lens.hf` are registered at once, otherwise a finder on ``sys.meta_path`` runs the
-registration right after ``transformers`` has finished importing (a post-import hook, the same
-idea as ``wrapt.register_post_import_hook``, whose import alone costs more than this package's).
+``import attnres_lens`` calls :func:`install`. For each library below, if it is imported already
+our registering module is imported at once; otherwise a finder on ``sys.meta_path`` imports it
+right after that library has finished importing (a post-import hook, the idea of
+``wrapt.register_post_import_hook``, whose own import costs more than this whole package's):
+
+- ``transformers`` -> :mod:`attnres_lens.hf` registers ``Qwen3AttnResConfig`` /
+  ``Qwen3AttnResForCausalLM`` with ``AutoConfig`` / ``AutoModelForCausalLM``;
+- TransformerLens' adapter factory (imported by ``TransformerBridge``) ->
+  :mod:`attnres_lens.tl_bridge` makes ``Qwen3AttnResForCausalLM`` a supported architecture,
+  which ``boot_transformers`` checks before it reads entry points.
 """
 
 from __future__ import annotations
@@ -17,54 +23,65 @@ import warnings
 from types import ModuleType
 from typing import Any, Optional
 
-TARGET = "transformers"
+#: library module -> our module that registers with it on import
+REGISTRARS = {
+    "transformers": "attnres_lens.hf",
+    "transformer_lens.factories.architecture_adapter_factory": "attnres_lens.tl_bridge",
+}
 
 
-def register_now(_module: Optional[ModuleType] = None) -> None:
-    """Import :mod:`attnres_lens.hf`, which registers its classes; a failure is warned, never
-    raised, so that it cannot break the import of ``transformers`` itself."""
+def register_now(target: str) -> None:
+    """Import the registrar of ``target``; a failure is warned, never raised, so that it cannot
+    break the import of the library itself."""
     try:
-        importlib.import_module("attnres_lens.hf")
-    except Exception as err:  # noqa: BLE001 (reported, and transformers stays importable)
+        importlib.import_module(REGISTRARS[target])
+    except Exception as err:  # noqa: BLE001 (reported, and the library stays importable)
         warnings.warn(
-            f"attnres_lens could not register qwen3_attnres with transformers' Auto classes ({err!r}); "
-            "import attnres_lens.hf to see the error",
+            f"attnres_lens could not register qwen3_attnres with {target} ({err!r}); import "
+            f"{REGISTRARS[target]} to see the error",
             RuntimeWarning,
             stacklevel=2,
         )
 
 
 class _LoaderThenRegister(importlib.abc.Loader):
-    """Loads ``transformers`` with its own loader, then registers."""
+    """Loads a library module with its own loader, then registers with it."""
 
-    def __init__(self, loader: importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, target: str):
         self.loader = loader
+        self.target = target
 
     def create_module(self, spec: Any) -> Optional[ModuleType]:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        register_now(module)
+        register_now(self.target)
 
 
-class AfterTransformersImport(importlib.abc.MetaPathFinder):
-    """The finder :func:`install` puts on ``sys.meta_path``; it removes itself once used."""
+class AfterImport(importlib.abc.MetaPathFinder):
+    """The finder :func:`install` puts on ``sys.meta_path`` for one library module; it removes
+    itself once that module is found."""
+
+    def __init__(self, target: str):
+        self.target = target
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != TARGET:
+        if fullname != self.target:
             return None
         sys.meta_path.remove(self)  # before find_spec below, which would otherwise come back here
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        spec.loader = _LoaderThenRegister(spec.loader)
+        spec.loader = _LoaderThenRegister(spec.loader, self.target)
         return spec
 
 
 def install() -> None:
-    """Register now, or once ``transformers`` is imported (idempotent)."""
-    if TARGET in sys.modules:
-        register_now()
-    elif not any(isinstance(finder, AfterTransformersImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, AfterTransformersImport())
+    """Register now with what is imported, and on import with the rest (idempotent)."""
+    waiting = {finder.target for finder in sys.meta_path if isinstance(finder, AfterImport)}
+    for target in REGISTRARS:
+        if target in sys.modules:
+            register_now(target)
+        elif target not in waiting:
+            sys.meta_path.insert(0, AfterImport(target))

@@ -30,6 +30,7 @@ architecture against ``SUPPORTED_ARCHITECTURES`` *before* it discovers entry poi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from importlib.metadata import entry_points
 from typing import Any, Optional
@@ -212,11 +213,30 @@ if UNAVAILABLE_REASON is None:
                 )
             self.cfg.attnres_flavour = inner.cfg.flavour
             self.component_mapping = self._component_mapping(inner.cfg.flavour)
+            # Taken before the bridge wraps the modules (which renames their parameters and
+            # hook points): our tools get a model of their own over the same tensors.
+            self.attnres_model = sharing_weights(inner)
+
+    def sharing_weights(model: "HookedAttnResTransformer") -> "HookedAttnResTransformer":
+        """A new :class:`HookedAttnResTransformer` over the same parameter tensors as ``model``:
+        its own modules and hook points, no tensor copied (an edit of a weight shows in both)."""
+        with torch.device("meta"):
+            twin = HookedAttnResTransformer(
+                dataclasses.replace(model.cfg), tokenizer=model.tokenizer, init_weights=False
+            )
+        twin.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+        if model.cfg.tie_word_embeddings:
+            twin.unembed.weight = twin.embed.weight
+        twin.schedule, twin.checkpoint_format = model.schedule, model.checkpoint_format
+        return twin.train(model.training)
 
     def attnres_model(bridge: Any) -> "HookedAttnResTransformer":
-        """The :class:`HookedAttnResTransformer` a bridge runs: the same modules and weights, for
-        this library's sweeps, attribution and reports (nothing is copied or reloaded)."""
-        model = getattr(getattr(bridge, "original_model", None), "model", None)
+        """A :class:`HookedAttnResTransformer` over the bridge's weights, for this library's
+        sweeps, attribution and reports: the same tensors (nothing is copied or reloaded), its
+        own modules and hook points (a hook on the bridge does not fire here, nor the reverse).
+        The bridge wraps the modules it runs in its component bridges, which renames their
+        parameters; this model keeps the library's names and runs without the wrappers."""
+        model = getattr(getattr(bridge, "adapter", None), "attnres_model", None)
         if not isinstance(model, HookedAttnResTransformer):
             raise TypeError(
                 f"expected a TransformerBridge over {ARCHITECTURE}, got {type(bridge).__name__}"
@@ -224,16 +244,15 @@ if UNAVAILABLE_REASON is None:
         return model
 
     def bridge_from_model(model: "HookedAttnResTransformer", tokenizer: Any, **boot_kwargs: Any) -> Any:
-        """A ``TransformerBridge`` over an already loaded ``model`` (no second read from disk).
-
-        ``tokenizer`` is a Hugging Face tokenizer (TL requires one). The bridge wraps the
-        model's submodules in place: they compute what they computed and keep firing the same
-        hook points, so ``model`` stays usable with this library's tools."""
+        """A ``TransformerBridge`` over the weights of an already loaded ``model`` (no second
+        read from disk, no copy). ``tokenizer`` is a Hugging Face tokenizer (TL requires one).
+        ``model`` itself is left as it is: the bridge wraps a twin of it over the same tensors
+        (:func:`sharing_weights`)."""
         from transformer_lens.model_bridge import TransformerBridge
 
         if not isinstance(model, HookedAttnResTransformer):
             raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
-        hf_model = hf.Qwen3AttnResForCausalLM.from_attnres_model(model)
+        hf_model = hf.Qwen3AttnResForCausalLM.from_attnres_model(sharing_weights(model))
         return TransformerBridge.boot_transformers(
             ARCHITECTURE, hf_model=hf_model, tokenizer=tokenizer, **boot_kwargs
         )

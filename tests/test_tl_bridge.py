@@ -172,22 +172,50 @@ def test_the_hf_byte_tokenizer_is_the_byte_tokenizer():
 
 def test_bridge_from_model_shares_the_weights_of_a_loaded_model():
     model = tiny_attnres("kimi")
+    names = [name for name, _ in model.named_parameters()]
     with torch.no_grad():
         expected = model(TOKENS)
     bridge = tl_bridge.bridge_from_model(model, hf_byte_tokenizer(), device="cpu")
-    assert tl_bridge.attnres_model(bridge) is model
+    ours = tl_bridge.attnres_model(bridge)
+    assert {p.data_ptr() for p in ours.parameters()} == {p.data_ptr() for p in model.parameters()}
+    assert [name for name, _ in model.named_parameters()] == names  # the user's model is untouched
+    assert type(model.blocks[0]).__name__ == "AttnResBlock"
     with torch.no_grad():
-        assert torch.equal(bridge(TOKENS), expected)
-        assert torch.equal(model(TOKENS), expected)  # our model still runs, through the bridge's wrappers
+        assert torch.equal(model(TOKENS), expected)
+        assert (bridge(TOKENS) - expected).abs().max() < TOL
+        model.unembed.weight.mul_(2.0)  # one set of tensors: an edit shows on the bridge
+        assert (bridge(TOKENS) - 2 * expected).abs().max() < 2 * TOL
+        model.unembed.weight.div_(2.0)
     with pytest.raises(TypeError, match="HookedAttnResTransformer"):
         tl_bridge.bridge_from_model(object(), hf_byte_tokenizer())
+
+
+def test_our_tools_run_on_the_bridges_weights_as_on_a_fresh_load(pair, tmp_path):
+    bridge, fresh = pair
+    model = tl_bridge.attnres_model(bridge)
+    bridge_tensors = {p.data_ptr() for p in bridge.original_model.parameters()}
+    assert {p.data_ptr() for p in model.parameters()} <= bridge_tensors  # shared, not copied
+    tokens = TOKENS[:, :10]
+    from attnres_lens import sweep_sources
+
+    swept, expected = sweep_sources(model, tokens, mode="zero"), sweep_sources(fresh, tokens, mode="zero")
+    assert swept["effect"].to_numpy() == pytest.approx(expected["effect"].to_numpy(), abs=1e-6)
+    _, cache = model.run_with_cache(tokens)
+    _, fresh_cache = fresh.run_with_cache(tokens)
+    assert set(cache.keys()) == set(fresh_cache.keys())  # the library's hook names, both flavours
+    model.save_pretrained(tmp_path / "saved")  # the library's parameter names
+    assert torch.equal(HookedAttnResTransformer.from_pretrained(tmp_path / "saved")(tokens), fresh(tokens))
+    fired = []
+    bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn_router.hook_weights", lambda t, hook: fired.append(1))])
+    model(tokens)
+    assert fired == [1]  # hooks are the bridge's own: running our model does not fire them
 
 
 def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
     """In a fresh interpreter: the entry point declared in pyproject.toml (installed, or put on
     the path as package metadata when this checkout is not installed with it) gives TL our
-    adapter without any register_adapter call; importing attnres_lens.hf alone is not enough,
-    because TL checks SUPPORTED_ARCHITECTURES before it reads entry points."""
+    adapter without any register_adapter call, once ``import attnres_lens`` has made the name
+    known to TL (which checks SUPPORTED_ARCHITECTURES before it reads entry points)."""
     import tomllib
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
@@ -206,16 +234,16 @@ def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
         )
         path.insert(0, str(site))
     script = textwrap.dedent(f"""
-        import attnres_lens.hf
-        from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+        import sys
+        import attnres_lens  # all a user imports: the rest registers itself when TL is imported
+        from transformer_lens.factories.architecture_adapter_factory import (
+            SUPPORTED_ARCHITECTURES, ArchitectureAdapterFactory,
+        )
         from transformer_lens.model_bridge import TransformerBridge
-        try:
-            TransformerBridge.boot_transformers({str(checkpoint)!r}, device="cpu")
-        except ValueError as err:
-            assert "Could not determine supported architecture" in str(err), err
-            print("HF-ONLY-REFUSED")
+        assert "attnres_lens.tl_bridge" in sys.modules, "not registered on TL's import"
         import attnres_lens.tl_bridge as tl_bridge
         assert tl_bridge.entry_point_installed()
+        assert {tl_bridge.ARCHITECTURE!r} in SUPPORTED_ARCHITECTURES  # TL checks this before entry points
         assert {tl_bridge.ARCHITECTURE!r} not in ArchitectureAdapterFactory._adapters  # nothing registered by hand
         bridge = TransformerBridge.boot_transformers({str(checkpoint)!r}, device="cpu")
         assert type(bridge.adapter) is tl_bridge.AttnResArchitectureAdapter
@@ -224,5 +252,17 @@ def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "HF-ONLY-REFUSED" in out.stdout  # the SUPPORTED_ARCHITECTURES trap, on this TL
     assert "ENTRY-POINT-OK [[97, 98]]" in out.stdout  # the directory's (byte) tokenizer, offline
+
+
+def test_installing_the_registration_again_registers_at_once_with_what_is_imported():
+    import transformer_lens.factories.architecture_adapter_factory as factory
+
+    from attnres_lens import autoregister
+
+    autoregister.install()  # both libraries are imported in this process: nothing left waiting
+    assert not [f for f in sys.meta_path if isinstance(f, autoregister.AfterImport)]
+    assert tl_bridge.ARCHITECTURE in factory.SUPPORTED_ARCHITECTURES
+    from transformers import AutoConfig
+
+    assert type(AutoConfig.for_model("qwen3_attnres")).__name__ == "Qwen3AttnResConfig"
