@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.text import Text
 
 from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 
@@ -41,11 +42,21 @@ def fade_markers(container: Any) -> None:
     container.lines[0].set_alpha(POINT_ALPHA)
 
 
+def settle_layout(ax: Any) -> None:
+    """Run the figure's layout now, so that texts placed in points from a data point (which
+    :func:`label_flagged_points` measures) sit where they will be drawn. Call it once the axes'
+    labels, scales and limits are set; the texts placed after are kept out of the layout."""
+    engine = ax.figure.get_layout_engine()
+    if engine is not None:
+        engine.execute(ax.figure)
+
+
 def axes_fraction(ax: Any, x: float, y: float) -> tuple[float, float]:
     """Where data point ``(x, y)`` lies in the axes (0..1 on both), under the current limits and
     scales."""
     ax.get_xlim(), ax.get_ylim()  # settle autoscaled limits first
-    return tuple(ax.transAxes.inverted().transform(ax.transData.transform((x, y))))
+    fx, fy = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))
+    return float(fx), float(fy)
 
 
 def inside_offset(fx: float, fy: float, dx: float, dy: float, *, room_x: float = 0.5) -> dict[str, Any]:
@@ -69,15 +80,22 @@ def inside_offset(fx: float, fy: float, dx: float, dy: float, *, room_x: float =
 MAX_LABEL_STEPS = 6
 
 
+def text_extent(annotation: Any) -> Any:
+    """The display box of an annotation's text (not its leader line), at its drawn position."""
+    annotation.get_window_extent()  # places the text relative to its point first
+    return Text.get_window_extent(annotation)
+
+
 def label_flagged_points(ax: Any, table: pd.DataFrame, max_labels: int, avoid: Sequence[Any] = ()) -> list[Any]:
     """Name the most telling flagged rows: the largest effects without mass, then the largest
     masses without a role. Labels point away from the nearest edges, so they stay inside the
-    axes, and step away from their point (with a leader line) until they clear the labels before them (and the
-    texts in ``avoid``); the labels written."""
+    axes, and step away from their point (with a leader line) until they clear the labels
+    before them and the texts in ``avoid``; a label that finds no clear spot is left out (the
+    table names every row). The labels written."""
     flagged = table[table["flag"] != ""]
     no_role = flagged[flagged["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE].nlargest(max_labels, "mass")
     causal = flagged[flagged["flag"] == FLAG_CAUSAL_WITHOUT_MASS].nlargest(max_labels, "abs_effect")
-    placed = [text.get_window_extent() for text in avoid]
+    placed = [text_extent(text) for text in avoid]
     labels = []
     for _, row in pd.concat([causal, no_role]).head(max_labels).iterrows():
         fx, fy = axes_fraction(ax, row["mass"], row["effect"])
@@ -85,13 +103,14 @@ def label_flagged_points(ax: Any, table: pd.DataFrame, max_labels: int, avoid: S
         for step in range(MAX_LABEL_STEPS + 1):
             leader = dict(arrowprops=dict(arrowstyle="-", lw=0.4, color=colour, shrinkA=0, shrinkB=3)) if step else {}
             label = ax.annotate(row["name"], (row["mass"], row["effect"]), fontsize=7, color=colour,
-                                **inside_offset(fx, fy, 6, 6 + 10 * step), **leader)
-            extent = label.get_window_extent()
-            if step == MAX_LABEL_STEPS or not any(extent.overlaps(other) for other in placed):
+                                **inside_offset(fx, fy, 6.0, 6.0 + 10 * step), **leader)
+            label.set_in_layout(False)
+            extent = text_extent(label)
+            if not any(extent.overlaps(other) for other in placed):
+                placed.append(extent)
+                labels.append(label)
                 break
-            label.remove()
-        placed.append(extent)
-        labels.append(label)
+            label.remove()  # no room within MAX_LABEL_STEPS: the row goes unnamed (the table has it)
     return labels
 
 
@@ -111,9 +130,9 @@ def coincident_clusters(fractions: np.ndarray, within: float = COINCIDENT_WITHIN
     return [cluster for cluster in clusters if len(cluster) > 1]
 
 
-def mark_coincident_points(ax: Any, xs: Sequence[float], ys: Sequence[float]) -> list[Any]:
-    """Write ``×n`` beside each cluster of ``n`` points drawn on top of one another (positions as
-    drawn: the data is not moved); the texts written."""
+def mark_coincident_points(ax: Any, xs: Any, ys: Any) -> list[Any]:
+    """Write ``×n`` beside each cluster of ``n`` points drawn on top of one another (``xs``,
+    ``ys``: array-likes; positions as drawn: the data is not moved); the texts written."""
     xs = np.asarray(xs, dtype=float)
     ys = np.asarray(ys, dtype=float)
     fractions = np.array([axes_fraction(ax, x, y) for x, y in zip(xs, ys)]).reshape(-1, 2)
@@ -122,7 +141,7 @@ def mark_coincident_points(ax: Any, xs: Sequence[float], ys: Sequence[float]) ->
         fx, fy = fractions[cluster[0]]
         texts.append(ax.annotate(
             f"\u00d7{len(cluster)}", (xs[cluster[0]], ys[cluster[0]]), fontsize=7, color=COUNT_COLOUR,
-            fontweight="bold", **inside_offset(fx, fy, -5, -5, room_x=0.1),
+            fontweight="bold", in_layout=False, **inside_offset(float(fx), float(fy), -5.0, -5.0, room_x=0.1),
         ))
     return texts
 
@@ -139,5 +158,7 @@ __all__ = [
     "label_flagged_points",
     "mark_coincident_points",
     "marker_style",
+    "settle_layout",
     "symlog_label",
+    "text_extent",
 ]

@@ -19,6 +19,7 @@ from .plot_marks import (
     label_flagged_points,
     mark_coincident_points,
     marker_style,
+    settle_layout,
     symlog_label,
 )
 from .tables import is_missing, router_label
@@ -268,7 +269,8 @@ def scatter(
     ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Mass vs effect ({settings['n_prompts']} prompts, {settings['confidence']:.0%} CIs)", fontsize=10)
-    counted = mark_coincident_points(ax, t["mass"], t["effect"])  # after the limits: positions as drawn
+    settle_layout(ax)  # the texts below are placed in points from their data point: lay out first
+    counted = mark_coincident_points(ax, t["mass"], t["effect"])
     if annotate_flags:
         label_flagged_points(ax, t, max_labels, avoid=counted)
     handles = _scatter_legend(set(families), set(sublayers), bool(eligible.all()), settings)
@@ -339,11 +341,12 @@ def gradient_scatter(report: MassEffectReport, *, path: Optional[str], scale: st
         xlabel, ylabel = symlog_label(xlabel, linthresh), symlog_label(ylabel, linthresh)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    counted = mark_coincident_points(ax, t["grad_estimate"], t["effect"])
     g = report.gradient_agreement or {}
     ax.set_title(
         f"Gradient ({g.get('estimate')}) vs exact: Spearman {g.get('spearman', float('nan')):+.2f}", fontsize=10
     )
+    settle_layout(ax)
+    counted = mark_coincident_points(ax, t["grad_estimate"], t["effect"])
     ax.legend(handles=ax.get_legend_handles_labels()[0] + _count_legend(counted), fontsize=7)
     return save_figure(fig, path)
 

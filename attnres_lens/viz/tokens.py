@@ -140,7 +140,7 @@ def token_routing_figure(routing: TokenRouting, *, title: Optional[str] = None) 
          f"<br>alpha = {routing.mass[p, s]:.3f}" for p in range(n_pos)]
         for s in range(n_src)
     ]
-    step = tick_step(n_pos, MAX_PLOTLY_TOKEN_LABELS, 1)
+    step = tick_step(n_pos, float(MAX_PLOTLY_TOKEN_LABELS), 1.0)
     labelled = list(range(0, n_pos, step))
     fig = go.Figure(
         go.Heatmap(
