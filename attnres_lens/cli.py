@@ -547,7 +547,7 @@ def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> N
     try:  # the one rule of bands (no layer in two, every layer in the model), said as a CLI error
         resolve_bands(dict(args.bands), n_layers if n_layers is not None else layers_named)
     except (ValueError, TypeError) as err:
-        raise CLIError(f"--bands {' '.join(f'{n}={layers_text(l)}' for n, l in args.bands)}: {err}") from None
+        raise CLIError(f"--bands {' '.join(f'{name}={layers_text(layers)}' for name, layers in args.bands)}: {err}") from None
 
 
 def _layer_count(source: str) -> Optional[int]:
