@@ -541,16 +541,13 @@ def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> N
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CLIError(f"--bands: each band name once, got {', '.join(repeated)} more than once")
-    owner: dict[int, str] = {}
-    for name, layers in args.bands:
-        for layer in layers:
-            if n_layers is not None and not 0 <= layer < n_layers:
-                raise CLIError(
-                    f"--bands {name}: layer {layer} does not exist; the model has {n_layers} layers (0-{n_layers - 1})"
-                )
-            if layer in owner and owner[layer] != name:
-                raise CLIError(f"--bands: layer {layer} is in both {owner[layer]!r} and {name!r}; bands may not overlap")
-            owner[layer] = name
+    from .selection import layers_text, resolve_bands
+
+    layers_named = max(layer for _, layers in args.bands for layer in layers) + 1
+    try:  # the one rule of bands (no layer in two, every layer in the model), said as a CLI error
+        resolve_bands(dict(args.bands), n_layers if n_layers is not None else layers_named)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--bands {' '.join(f'{name}={layers_text(layers)}' for name, layers in args.bands)}: {err}") from None
 
 
 def _layer_count(source: str) -> Optional[int]:

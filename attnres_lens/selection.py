@@ -427,7 +427,7 @@ def resolve_bands(bands: BandsLike, n_layers: int) -> dict[str, tuple[int, ...]]
         resolved[name] = _band_layers(name, layers, n_layers)
         for layer in resolved[name]:
             if layer in owner:
-                raise ValueError(f"layer {layer} is in two bands: {owner[layer]!r} and {name!r}")
+                raise ValueError(f"layer {layer} is in two bands: {owner[layer]!r} and {name!r}; bands may not overlap")
             owner[layer] = name
     return resolved
 

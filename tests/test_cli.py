@@ -293,8 +293,10 @@ PROBE_FAST = ["--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--groups",
     "extra, code, needle",
     [
         (["--prompts", "2"], 1, "too few prompts"),
-        (["--groups", "family_band", "--bands", "early=0,1", "late=5"], 1, "layer 5 does not exist"),
-        (["--groups", "family_band", "--bands", "early=0,1", "late=1,2"], 1, "bands may not overlap"),
+        (["--groups", "family_band", "--bands", "early=0,1", "late=5"], 1,
+         "--bands early=0-1 late=5: band 'late': layer 5 out of range; the model's layers are 0..2"),
+        (["--groups", "family_band", "--bands", "early=0,1", "late=1,2"], 1,
+         "--bands early=0-1 late=1-2: layer 1 is in two bands: 'early' and 'late'; bands may not overlap"),
         (["--groups", "family_band", "--bands", "a=0", "a=1"], 1, "each band name once"),
         (["--n-boot", "100000000"], 2, "a positive integer of at most 100,000, got 100000000"),
     ],
@@ -318,7 +320,7 @@ def test_arguments_are_checked_before_the_model_is_loaded(tiny_dirs, tmp_path, c
     argv = ["probe", str(broken), "--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out"), "--bands", "late=7"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "layer 7 does not exist; the model has 3 layers" in err and "safetensors" not in err
+    assert "--bands late=7: band 'late': layer 7 out of range; the model's layers are 0..2" in err and "safetensors" not in err
 
 
 def test_an_error_after_the_progress_bar_starts_is_on_a_fresh_line(tiny_dirs, tmp_path, capsys):

@@ -13,6 +13,15 @@ import torch
 
 from ..names import SUBLAYERS
 from ..router import FAMILIES
+from .plot_marks import (
+    COUNT_COLOUR,
+    fade_markers,
+    label_flagged_points,
+    mark_coincident_points,
+    marker_style,
+    settle_layout,
+    symlog_label,
+)
 from .tables import is_missing, router_label
 from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 
@@ -177,15 +186,16 @@ def _draw_grid(ax: Any, grid: np.ndarray, value: str, settings: dict, scale: str
     from matplotlib.colors import Normalize, SymLogNorm
 
     scale, largest = axis_scale(grid, scale)
+    bar_label = f"effect ({settings.get('metric', 'metric')})"
     if scale == "symlog":
         linthresh = max(float(settings.get("effect_threshold", 0.0)), largest * 1e-3)
         norm = SymLogNorm(linthresh=linthresh, vmin=-largest, vmax=largest, base=10)
+        bar_label = symlog_label(bar_label, linthresh)
     else:
         norm = Normalize(vmin=-largest, vmax=largest)
     image = ax.imshow(masked, cmap="RdBu_r", norm=norm, aspect="auto")
-    metric = settings.get("metric", "metric")
     title = f"Effect of {settings.get('mode', '?')}-ablation on {settings.get('metric', '?')} (ablated - clean)"
-    return image, title, f"effect ({metric}){', symlog' if scale == 'symlog' else ''}"
+    return image, title, bar_label
 
 
 def _annotate_cells(ax: Any, image: Any, cells: list[tuple[int, int]], values: np.ndarray, value: str) -> None:
@@ -226,7 +236,8 @@ def _outline_flagged_cells(ax: Any, cells: list[tuple[int, int]], flags: pd.Seri
 def scatter(
     report: MassEffectReport, *, path: Optional[str], annotate_flags: bool, max_labels: int = 8, yscale: str = "auto"
 ) -> "Figure":
-    """Mass against effect with CIs on both, coloured by family, one marker per sublayer kind."""
+    """Mass against effect with CIs on both, coloured by family, one marker per sublayer kind;
+    points drawn on top of one another are counted (``×n``), never moved."""
     t = report.table
     settings = report.settings
     fig = new_figure(7.5, 5.2)
@@ -238,48 +249,51 @@ def scatter(
         xerr = np.vstack([part["mass"] - part["mass_low"], part["mass_high"] - part["mass"]]).clip(0)
         yerr = np.vstack([part["effect"] - part["effect_low"], part["effect_high"] - part["effect"]]).clip(0)
         colour = FAMILY_COLOURS.get(family, "#7f7f7f")
-        ax.errorbar(
+        fade_markers(ax.errorbar(
             part["mass"], part["effect"], xerr=xerr, yerr=yerr, fmt=SUBLAYER_MARKERS.get(sublayer, "o"),
-            color=colour, ecolor=colour, elinewidth=0.7, capsize=2, markersize=5, alpha=0.8,
-            linestyle="none", markerfacecolor=colour if is_eligible else "none",  # hollow: single-source routers
-        )
-    ax.axhline(0.0, color="black", lw=0.8)
+            color=colour, ecolor=colour, elinewidth=0.7, capsize=2, markersize=6, linestyle="none",
+            **marker_style(colour, filled=bool(is_eligible)),  # hollow: single-source routers
+        ))
     effect_threshold = settings["effect_threshold"]
-    ax.axhspan(-effect_threshold, effect_threshold, color="#bbbbbb", alpha=0.35, lw=0)
-    ax.axvline(settings["mass_threshold"], color="black", lw=0.8, ls="--")
-    ax.axvline(settings["low_mass_threshold"], color="#d62728", lw=0.8, ls=":")
-    if annotate_flags:
-        _label_flagged_points(ax, t, max_labels)
-    ax.legend(handles=_scatter_legend(set(families), set(sublayers), bool(eligible.all()), settings), fontsize=7, loc="best")
+    _draw_thresholds(ax, settings)
+    ylabel = f"effect on {settings['metric']} ({settings['mode']}-ablated - clean), bootstrap CI"
     yscale, largest = axis_scale(t["effect"].to_numpy(dtype=float), yscale, "yscale")
     if yscale == "symlog":
-        ax.set_yscale("symlog", linthresh=max(effect_threshold, largest * 1e-3))
+        linthresh = max(effect_threshold, largest * 1e-3)
+        ax.set_yscale("symlog", linthresh=linthresh)
         top = float(np.nanmax(t["effect_high"]))
         bottom = float(np.nanmin(t["effect_low"]))
         ax.set_ylim(min(bottom * 1.6, -effect_threshold * 1.5), max(top * 1.6, effect_threshold * 1.5))
-    ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
-    ax.set_ylabel(f"effect on {settings['metric']} ({settings['mode']}-ablated - clean), bootstrap CI")
-    ax.set_title(f"Mass vs effect ({settings['n_prompts']} prompts, {settings['confidence']:.0%} CIs)", fontsize=10)
+        ylabel = symlog_label(ylabel, linthresh)
     ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"Mass vs effect ({settings['n_prompts']} prompts, {settings['confidence']:.0%} CIs)", fontsize=10)
+    settle_layout(ax)  # the texts below are placed in points from their data point: lay out first
+    counted = mark_coincident_points(ax, t["mass"], t["effect"])
+    if annotate_flags:
+        label_flagged_points(ax, t, max_labels, avoid=counted)
+    handles = _scatter_legend(set(families), set(sublayers), bool(eligible.all()), settings)
+    ax.legend(handles=handles + _count_legend(counted), fontsize=7, loc="best")
     return save_figure(fig, path)
 
 
-def _label_flagged_points(ax: Any, table: pd.DataFrame, max_labels: int) -> None:
-    """Name the most telling flagged rows: the largest effects without mass, then the largest
-    masses without a role; labels that would overlap are stacked."""
-    span = float(np.nanmax(table["effect_high"]) - np.nanmin(table["effect_low"])) or 1.0
-    stacked: dict[tuple[int, int], int] = {}
-    flagged = table[table["flag"] != ""]
-    no_role = flagged[flagged["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE].nlargest(max_labels, "mass")
-    causal = flagged[flagged["flag"] == FLAG_CAUSAL_WITHOUT_MASS].nlargest(max_labels, "abs_effect")
-    for _, row in pd.concat([causal, no_role]).head(max_labels).iterrows():
-        spot = (round(row["mass"] * 25), round(row["effect"] / span * 25))
-        n_below = stacked.get(spot, 0)
-        stacked[spot] = n_below + 1
-        ax.annotate(
-            row["name"], (row["mass"], row["effect"]), xytext=(6, 6 + 10 * n_below), textcoords="offset points",
-            fontsize=7, color="black" if row["flag"] == FLAG_MASS_WITHOUT_CAUSAL_ROLE else "#d62728",
-        )
+def _draw_thresholds(ax: Any, settings: dict) -> None:
+    effect_threshold = settings["effect_threshold"]
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.axhspan(-effect_threshold, effect_threshold, color="#bbbbbb", alpha=0.35, lw=0)
+    ax.axvline(settings["mass_threshold"], color="black", lw=0.8, ls="--")
+    ax.axvline(settings["low_mass_threshold"], color="#d62728", lw=0.8, ls=":")
+
+
+def _count_legend(counted: list) -> list:
+    """The legend entry explaining ``×n``, when some point is counted."""
+    from matplotlib.lines import Line2D
+
+    if not counted:
+        return []
+    return [Line2D([], [], color=COUNT_COLOUR, marker="$\\times n$", markersize=10, ls="none",
+                   label="n points at one spot (not moved)")]
 
 
 def _scatter_legend(families: set, sublayers: set, all_eligible: bool, settings: dict) -> list:
@@ -310,32 +324,39 @@ def gradient_scatter(report: MassEffectReport, *, path: Optional[str], scale: st
     ax = fig.add_subplot()
     for fam, part in t.groupby(t["family"] if "family" in t else pd.Series(["history"] * len(t)), sort=False):
         yerr = np.vstack([part["effect"] - part["effect_low"], part["effect_high"] - part["effect"]]).clip(0)
-        ax.errorbar(part["grad_estimate"], part["effect"], yerr=yerr, fmt="o", markersize=4, capsize=2,
-                    color=FAMILY_COLOURS.get(fam, "#7f7f7f"), label=fam, linestyle="none", alpha=0.85)
+        colour = FAMILY_COLOURS.get(fam, "#7f7f7f")
+        fade_markers(ax.errorbar(part["grad_estimate"], part["effect"], yerr=yerr, fmt="o", markersize=5, capsize=2,
+                                 color=colour, label=fam, linestyle="none", **marker_style(colour, filled=True)))
     low = float(np.nanmin([t["grad_estimate"].min(), t["effect_low"].min()]))
     high = float(np.nanmax([t["grad_estimate"].max(), t["effect_high"].max()]))
     line = np.linspace(low, high, 400)
     ax.plot(line, line, color="black", lw=0.8, ls="--", label="y = x")
     values = np.concatenate([t["grad_estimate"].to_numpy(float), t["effect"].to_numpy(float)])
     scale, lim = axis_scale(values, scale)
+    xlabel, ylabel = "first-order (gradient) estimate", "exact effect, bootstrap CI"
     if scale == "symlog":
-        ax.set_xscale("symlog", linthresh=lim * 1e-3)
-        ax.set_yscale("symlog", linthresh=lim * 1e-3)
+        linthresh = lim * 1e-3
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_yscale("symlog", linthresh=linthresh)
+        xlabel, ylabel = symlog_label(xlabel, linthresh), symlog_label(ylabel, linthresh)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     g = report.gradient_agreement or {}
     ax.set_title(
         f"Gradient ({g.get('estimate')}) vs exact: Spearman {g.get('spearman', float('nan')):+.2f}", fontsize=10
     )
-    ax.set_xlabel("first-order (gradient) estimate")
-    ax.set_ylabel("exact effect, bootstrap CI")
-    ax.legend(fontsize=7)
+    settle_layout(ax)
+    counted = mark_coincident_points(ax, t["grad_estimate"], t["effect"])
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + _count_legend(counted), fontsize=7)
     return save_figure(fig, path)
 
 
-def token_label(text: str) -> str:
-    """A token as a tick label: control characters escaped, blanks made visible."""
-    if not text.strip() or not text.isprintable():
-        return text.encode("unicode_escape").decode("ascii").replace(" ", "\u2423")
-    return text
+#: Token labels of :func:`plot_token_routing` are never smaller than this (points).
+MIN_TOKEN_FONTSIZE = 7.0
+#: Inches between two labelled tokens (a rotated 7-point label is about 0.1 inch thick).
+TOKEN_LABEL_SPACING = 0.16
+#: Inches of a token-routing figure's width that are not the token axis (source labels, colour bar).
+TOKEN_FIGURE_MARGIN = 3.4
 
 
 def plot_token_routing(
@@ -353,7 +374,8 @@ def plot_token_routing(
     ``router``: a router name (``"blocks.3.mlp_router"``, ``"final_router"``), a
     ``(layer, "attn"|"mlp")`` pair, ``"final"``, a list of those, ``"all"``, or ``None`` (the
     final router in kimi models, the last MLP router in cumulative ones). Only the first
-    ``max_tokens`` positions are drawn.
+    ``max_tokens`` positions are drawn. Token labels show blanks and control characters
+    (``\\n``, ``\u2423``); when too many to fit, one in ``k`` is labelled, as the axis title says.
 
     ``backend``: ``"matplotlib"`` (a figure that displays inline as a PNG; ``path`` any format
     matplotlib writes) or ``"plotly"`` (:func:`attnres_lens.viz.plot_token_routing`: one router,
@@ -365,7 +387,7 @@ def plot_token_routing(
         from ..viz import plot_token_routing as plotly_token_routing
 
         return save_plotly(plotly_token_routing(model, text_or_tokens, router, max_tokens=max_tokens), path)
-    from ..viz.tokens import one_prompt  # the one rule for "one prompt" (imports no plotly)
+    from ..viz.tokens import one_prompt, tick_step, tick_token, token_axis_title  # imports no plotly
 
     tokens = one_prompt(model, text_or_tokens)
     specs = {s.name: s for s in model.router_specs}
@@ -374,22 +396,27 @@ def plot_token_routing(
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hooks, return_type=None)
     n_pos = min(int(tokens.shape[1]), max_tokens)
-    strs = [token_label(s) for s in model.to_str_tokens(tokens[0, :n_pos])]
+    strs = [tick_token(s) for s in model.to_str_tokens(tokens[0, :n_pos])]
     heights = [max(1.0, 0.28 * specs[n].n_sources + 0.9) for n in names]
-    fig = new_figure(min(22.0, 3.0 + 0.28 * n_pos), min(40.0, sum(heights) + 0.6))
+    width = min(22.0, TOKEN_FIGURE_MARGIN + 0.28 * n_pos)
+    step = tick_step(n_pos, width - TOKEN_FIGURE_MARGIN, TOKEN_LABEL_SPACING)
+    fig = new_figure(width, min(40.0, sum(heights) + 0.6))
     axes = fig.subplots(len(names), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, name in zip(axes, names):
         w = cache[f"{name}.hook_weights"][0, :n_pos].float().cpu().numpy().T  # [source, pos]
         im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         spec = specs[name]
-        ax.set_yticks(range(spec.n_sources), [f"{s.label} \u00b7 {s.family}" for s in spec.sources], fontsize=7)
-        ax.set_xticks(range(n_pos), strs, fontsize=7, rotation=90)
+        ax.set_yticks(range(spec.n_sources), [f"{s.label} \u00b7 {s.family}" for s in spec.sources],
+                      fontsize=MIN_TOKEN_FONTSIZE)
+        labelled = range(0, n_pos, step)
+        ax.set_xticks(labelled, [strs[i] for i in labelled], fontsize=MIN_TOKEN_FONTSIZE, rotation=90)
+        ax.set_xticks(range(n_pos), minor=True)
         ref = w[:, :1]
         spread = float(np.sqrt(((w - w.mean(1, keepdims=True)) ** 2).mean(1).sum())) if not np.all(w == ref) else 0.0
         ax.set_title(f"{router_label(spec.layer, spec.sublayer)} ({name}): token std of alpha = {spread:.3f}",
                      fontsize=9, loc="left")
         fig.colorbar(im, ax=ax, label="alpha", pad=0.01, fraction=0.03)
-    axes[-1].set_xlabel("token")
+    axes[-1].set_xlabel(token_axis_title(n_pos, int(tokens.shape[1]), step))
     return save_figure(fig, path)
 
 

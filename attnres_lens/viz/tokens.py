@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,6 +23,9 @@ CIRCUITSVIS_HINT = (
     "token_routing_circuitsvis needs circuitsvis: pip install circuitsvis "
     "(or use plot_token_routing, which only needs plotly)"
 )
+
+#: The most token labels of the plotly heatmap (its width is the notebook's, about 1000 pixels).
+MAX_PLOTLY_TOKEN_LABELS = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,34 @@ def display_token(text: str) -> str:
     if not text.strip() or not text.isprintable():
         return text.encode("unicode_escape").decode("ascii").replace(" ", "\u2423")
     return text
+
+
+def tick_token(text: str) -> str:
+    """A token as an axis tick label: :func:`display_token`, and spaces at either end shown as
+    ``␣`` (a tick label's leading space is otherwise invisible)."""
+    shown = display_token(text)
+    body = shown.strip(" ")
+    if not body:
+        return shown
+    start = shown.index(body)
+    return "\u2423" * start + body + "\u2423" * (len(shown) - start - len(body))
+
+
+def tick_step(n_labels: int, room: float, spacing: float) -> int:
+    """Label every ``step``-th of ``n_labels`` evenly spaced ticks, so that labels ``spacing``
+    apart fit in ``room`` (same units)."""
+    return max(1, math.ceil(n_labels * spacing / max(room, spacing)))
+
+
+def token_axis_title(n_shown: int, n_tokens: int, step: int) -> str:
+    """The token axis' title, saying what is left out: positions past ``n_shown`` of
+    ``n_tokens``, and labels when only every ``step``-th token is labelled."""
+    notes = []
+    if n_shown < n_tokens:
+        notes.append(f"first {n_shown} of {n_tokens}")
+    if step > 1:
+        notes.append(f"one in {step} labelled")
+    return "token" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def resolve_router(model: Any, router: Any) -> str:
@@ -108,6 +140,8 @@ def token_routing_figure(routing: TokenRouting, *, title: Optional[str] = None) 
          f"<br>alpha = {routing.mass[p, s]:.3f}" for p in range(n_pos)]
         for s in range(n_src)
     ]
+    step = tick_step(n_pos, float(MAX_PLOTLY_TOKEN_LABELS), 1.0)
+    labelled = list(range(0, n_pos, step))
     fig = go.Figure(
         go.Heatmap(
             z=routing.mass.T,
@@ -123,8 +157,8 @@ def token_routing_figure(routing: TokenRouting, *, title: Optional[str] = None) 
     )
     fig.update_layout(
         title=title or f"Routing per token at {routing.router_label} ({routing.router})",
-        xaxis=dict(title="token", tickmode="array", tickvals=list(range(n_pos)), ticktext=routing.tokens,
-                   tickangle=-90, tickfont=dict(size=9)),
+        xaxis=dict(title=token_axis_title(n_pos, n_pos, step), tickmode="array", tickvals=labelled,
+                   ticktext=[tick_token(routing.tokens[p]) for p in labelled], tickangle=-90, tickfont=dict(size=9)),
         yaxis_title="source",
         height=int(200 + 28 * n_src),
     )
