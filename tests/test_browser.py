@@ -152,5 +152,5 @@ def test_explorer_snapshot_in_chromium(driver, model, tmp_path):
     text = _hover(driver, "routing-heatmap", 1, 2)  # source 1 (patched) at position 2
     alpha = explorer.session.result().routing[router][2, 1]
     assert alpha != pytest.approx(explorer.session.clean_routing[router][2, 1], abs=1e-3)
-    assert f"alpha = {alpha:.3f}" in text
+    assert f"mass = {alpha:.3f}" in text
     _not_blank(driver, tmp_path / "explorer.png")

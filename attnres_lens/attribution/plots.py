@@ -182,7 +182,7 @@ def _draw_grid(ax: Any, grid: np.ndarray, value: str, settings: dict, scale: str
     masked = np.ma.masked_invalid(grid)
     if value == "mass":
         image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=max(1e-12, float(np.nanmax(grid))), aspect="auto")
-        return image, "Routing mass (mean alpha over prompts)", "mass"
+        return image, "Routing mass (mean over prompts)", "mass"
     from matplotlib.colors import Normalize, SymLogNorm
 
     scale, largest = axis_scale(grid, scale)
@@ -266,7 +266,7 @@ def scatter(
         ax.set_ylim(min(bottom * 1.6, -effect_threshold * 1.5), max(top * 1.6, effect_threshold * 1.5))
         ylabel = symlog_label(ylabel, linthresh)
     ax.set_xlim(-0.03, 1.03)
-    ax.set_xlabel("routing mass (mean alpha), bootstrap CI")
+    ax.set_xlabel("routing mass (mean over tokens and prompts), bootstrap CI")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Mass vs effect ({settings['n_prompts']} prompts, {settings['confidence']:.0%} CIs)", fontsize=10)
     settle_layout(ax)  # the texts below are placed in points from their data point: lay out first
@@ -369,7 +369,7 @@ def plot_token_routing(
     backend: str = "matplotlib",
 ) -> Any:
     """Routing weights of one prompt, token by token: for each chosen router, a sources x
-    positions heatmap of alpha (labels from ``source_table()``, tokens on the x axis).
+    positions heatmap of mass (labels from ``source_table()``, tokens on the x axis).
 
     ``router``: a router name (``"blocks.3.mlp_router"``, ``"final_router"``), a
     ``(layer, "attn"|"mlp")`` pair, ``"final"``, a list of those, ``"all"``, or ``None`` (the
@@ -413,9 +413,9 @@ def plot_token_routing(
         ax.set_xticks(range(n_pos), minor=True)
         ref = w[:, :1]
         spread = float(np.sqrt(((w - w.mean(1, keepdims=True)) ** 2).mean(1).sum())) if not np.all(w == ref) else 0.0
-        ax.set_title(f"{router_label(spec.layer, spec.sublayer)} ({name}): token std of alpha = {spread:.3f}",
+        ax.set_title(f"{router_label(spec.layer, spec.sublayer)} ({name}): token std of mass = {spread:.3f}",
                      fontsize=9, loc="left")
-        fig.colorbar(im, ax=ax, label="alpha", pad=0.01, fraction=0.03)
+        fig.colorbar(im, ax=ax, label="mass", pad=0.01, fraction=0.03)
     axes[-1].set_xlabel(token_axis_title(n_pos, int(tokens.shape[1]), step))
     return save_figure(fig, path)
 

@@ -223,7 +223,7 @@ def _aggregate_families(
 class RoutingStatistics:
     """Descriptive routing statistics over a dataset (:func:`routing_statistics`).
 
-    - ``slices``: one row per router and source: ``mass`` (mean alpha over tokens), ``mass_std``
+    - ``slices``: one row per router and source: ``mass`` (mean over tokens), ``mass_std``
       (its standard deviation over tokens), ``mass_min``/``mass_max``, ``between_prompt_std``
       (std over prompts of the per-prompt mean) and ``within_prompt_std`` (root mean
       within-prompt variance over positions; ``mass_std**2 = between**2 + within**2``), and

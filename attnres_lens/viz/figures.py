@@ -31,7 +31,7 @@ def _heatmap_height(n_rows: int) -> int:
 
 
 def plot_routing_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
-    """Routers x sources, coloured by routing mass (mean alpha). Hover: router, source, family,
+    """Routers x sources, coloured by routing mass (mean over tokens). Hover: router, source, family,
     mass with CI, effect with CI, flag, merged copies."""
     go = require_plotly()
     grid, rows = routing_grid(report)
@@ -51,7 +51,7 @@ def plot_routing_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
         )
     )
     fig.update_layout(
-        title=title or "Routing mass (mean alpha over tokens)",
+        title=title or "Routing mass (mean over tokens)",
         xaxis_title=grid.column_title,
         yaxis_title=grid.row_title,
         yaxis_autorange="reversed",
@@ -185,7 +185,7 @@ def plot_mass_effect_scatter(report: Any, *, title: Union[str, None] = None) -> 
         fig.add_vline(x=s["low_mass_threshold"], line_dash="dot", line_width=0.8, line_color="#d62728")
     fig.update_layout(
         title=title or f"Mass vs effect ({s.get('n_prompts', '?')} prompts, bootstrap CIs)",
-        xaxis_title="routing mass (mean alpha)",
+        xaxis_title="routing mass (mean over tokens)",
         yaxis_title=f"effect on {s.get('metric', 'metric')} ({s.get('mode', '?')}-ablated - clean)",
         xaxis_range=[-0.03, 1.03],
         height=560,

@@ -61,7 +61,7 @@ def report_section(name: str, report: Any, *, first: bool) -> str:
     slug = "".join(ch if ch.isalnum() else "-" for ch in name)
     figures = []
     try:
-        figures.append(plot_routing_heatmap(report, title=f"{name}: routing mass (mean alpha over tokens)"))
+        figures.append(plot_routing_heatmap(report, title=f"{name}: routing mass (mean over tokens)"))
     except ValueError:  # a grouped report without routing statistics: no routers x sources mass
         pass
     figures.append(plot_effect_heatmap(report))

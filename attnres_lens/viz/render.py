@@ -40,7 +40,7 @@ def routing_tokens_html(
         alpha = float(np.clip(mass[pos, colour_source], 0.0, 1.0))
         spans.append(_span(token, f"rgba(31,119,180,{alpha:.3f})", f"position {pos} {token!r}\n{weights}"))
     legend = (
-        f'<div style="font-size:11px;color:#555">shade = alpha on source '
+        f'<div style="font-size:11px;color:#555">shade = mass on source '
         f"<b>{html.escape(source_labels[colour_source])}</b> (0 white, 1 blue); hover a token for all its weights</div>"
     )
     return f'<div class="ar-routing">{legend}<div>{"".join(spans)}</div></div>'

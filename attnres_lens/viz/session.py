@@ -64,7 +64,7 @@ class ExplorerResult:
     top_intervened: list[Prediction]
     loss_clean: np.ndarray  # [pos - 1], next-token loss per position
     loss_intervened: np.ndarray
-    routing: dict[str, np.ndarray] = field(repr=False)  # router -> [pos, source] alpha, as run
+    routing: dict[str, np.ndarray] = field(repr=False)  # router -> [pos, source] mass, as run
     rerun_from: Optional[int] = None  # first sublayer rerun (n_sublayers: readout only; None: clean)
     seconds: float = 0.0
 

@@ -37,7 +37,7 @@ class TokenRouting:
     tokens: list[str]  # one display string per position
     source_labels: list[str]
     families: list[str]
-    mass: np.ndarray  # [pos, source], alpha per token and source
+    mass: np.ndarray  # [pos, source], mass per token and source
 
 
 def display_token(text: str) -> str:
@@ -125,7 +125,7 @@ def plot_token_routing(
     model: Any, text_or_tokens: Any, router: Any = None, *, max_tokens: int = 128
 ) -> Any:
     """One prompt's routing at one router as an interactive sources x tokens heatmap; hover a
-    cell for the token, its position, the source, its family and alpha."""
+    cell for the token, its position, the source, its family and mass."""
     return token_routing_figure(token_routing(model, text_or_tokens, router, max_tokens=max_tokens))
 
 
@@ -137,7 +137,7 @@ def token_routing_figure(routing: TokenRouting, *, title: Optional[str] = None) 
     positions = [f"{i}: {tok}" for i, tok in enumerate(routing.tokens)]
     hover = [
         [f"token {positions[p]!r}<br>source: {routing.source_labels[s]} ({routing.families[s]})"
-         f"<br>alpha = {routing.mass[p, s]:.3f}" for p in range(n_pos)]
+         f"<br>mass = {routing.mass[p, s]:.3f}" for p in range(n_pos)]
         for s in range(n_src)
     ]
     step = tick_step(n_pos, float(MAX_PLOTLY_TOKEN_LABELS), 1.0)
@@ -152,7 +152,7 @@ def token_routing_figure(routing: TokenRouting, *, title: Optional[str] = None) 
             colorscale="Viridis",
             zmin=0.0,
             zmax=1.0,
-            colorbar=dict(title="alpha"),
+            colorbar=dict(title="mass"),
         )
     )
     fig.update_layout(
@@ -169,7 +169,7 @@ def token_routing_circuitsvis(
     model: Any, text_or_tokens: Any, router: Any = None, *, max_tokens: int = 128
 ) -> Any:
     """circuitsvis' ``colored_tokens_multi`` for one router: pick a source to colour the tokens
-    by its weight alpha; hover a token for all its weights. Returns circuitsvis' RenderedHTML
+    by its mass on that source; hover a token for all its masses. Returns circuitsvis' RenderedHTML
     (displays in Jupyter; ``.local_src`` is the self-contained HTML)."""
     try:
         from circuitsvis.tokens import colored_tokens_multi
