@@ -59,7 +59,10 @@ from torch import Tensor
 from ..interventions import Intervention, MaskAllSourcesError
 from ..interventions.compile import compile_interventions, hooks_from_ops
 from ..metrics import Metric
+from ..components import KVCacheEntry
+from ..model import DepthState
 from ..selection import SweepUnit, resolve_positions, sweep_units
+from ..sweep_engine import CleanRun, default_budget
 from .data import as_batches, split_batch
 from .gradients import gradient_rows
 
@@ -73,10 +76,23 @@ METHODS: tuple[str, ...] = ("readout", "norm_fix", "gradient")
 RECOMPUTE_ABOVE = 0.05
 #: Modes the estimator supports: those whose value does not come from another run.
 ESTIMATE_MODES: tuple[str, ...] = ("zero", "mask", "scale")
+#: How much memory of clean runs :func:`estimate_keeping_clean_runs` keeps for the exact
+#: part of the screen (beyond it, the exact part reruns the clean forward of the rest).
+KEEP_CLEAN_BYTES = 1 << 30
 ESTIMATE_COLUMNS: tuple[str, ...] = (
     "router", "layer", "sublayer", "source", "family", "label", "n_copies", "mass", "metric_clean",
     "estimate", "mass_per_prompt", "estimate_per_prompt",
 )
+
+
+@dataclass
+class ChunkRun:
+    """One minibatch as the estimator ran it: which prompts of the dataset it holds (``rows``),
+    their tokens, and the clean run of its forward (``None`` where not kept)."""
+
+    rows: slice
+    tokens: Tensor
+    clean: Optional[CleanRun]
 
 
 @dataclass
@@ -93,6 +109,9 @@ class _Pass:
     direct: list[Tensor]  # sublayer k -> the direct-path part of dM/do_k
     final_input: Tensor  # y
     metric: Tensor  # [batch]
+    run: CleanRun  # the same forward as the exact engine keeps it (states, logits, weights, keys/values)
+    normed: dict[int, Tensor]  # sublayer k -> n_k, its input norm's output
+    normed_grads: dict[int, Tensor]  # sublayer k -> dM/dn_k
 
 
 def estimate_effects(
@@ -107,8 +126,9 @@ def estimate_effects(
     factor: Optional[float] = None,
     batch_size: Optional[int] = None,
     merge_duplicates: bool = True,
-    max_batch_tokens: int = 1 << 15,
+    max_batch_tokens: Optional[int] = None,
     bands: Any = None,
+    recompute_top: Optional[int] = None,
 ) -> pd.DataFrame:
     """Estimate the effect of intervening on every slice (or family, or group) with ``mode``
     (``"zero"``, ``"mask"`` or ``"scale"`` with ``factor``) without the exact sweep.
@@ -126,6 +146,34 @@ def estimate_effects(
     (masking every source of a router) are NaN. ``df.attrs["units"]`` holds the
     :class:`~attnres_lens.selection.SweepUnit` of each row.
     """
+    table, _ = _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
+                         max_batch_tokens, bands, recompute_top, keep_bytes=0)
+    return table
+
+
+def estimate_keeping_clean_runs(
+    model: "HookedAttnResTransformer",
+    tokens: Any,
+    *,
+    mode: str,
+    metric: Any,
+    groups: Any,
+    positions: Any,
+    batch_size: Optional[int],
+    merge_duplicates: bool,
+    bands: Any,
+    recompute_top: Optional[int] = None,
+    keep_bytes: int = KEEP_CLEAN_BYTES,
+) -> tuple[pd.DataFrame, list[ChunkRun]]:
+    """:func:`estimate_effects` (method ``"readout"``) and, per minibatch, the clean run its
+    forward made, kept for the exact engine while they fit in ``keep_bytes`` (the screen's
+    exact part starts from them instead of running the clean forward again)."""
+    return _estimate(model, tokens, mode, metric, "readout", groups, positions, None, batch_size, merge_duplicates,
+                     None, bands, recompute_top, keep_bytes=keep_bytes)
+
+
+def _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
+              max_batch_tokens, bands, recompute_top, keep_bytes: int) -> tuple[pd.DataFrame, list[ChunkRun]]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     if mode not in ESTIMATE_MODES:
@@ -138,13 +186,15 @@ def estimate_effects(
     batches = as_batches(model, tokens)
     bands = bands if isinstance(groups, str) and groups == "family_band" else None
     units = sweep_units(model, groups, bands, merge_duplicates=merge_duplicates)
+    chunks: list[ChunkRun] = []
     if method == "gradient":
         per_prompt, mass, clean = _gradient_estimates(model, batches, resolved, units, positions, batch_size, mode, factor)
     else:
         per_prompt, mass, clean = _recomputed_estimates(
-            model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens
+            model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens,
+            recompute_top, chunks, keep_bytes,
         )
-    return _estimate_table(units, per_prompt, mass, clean, method, mode)
+    return _estimate_table(units, per_prompt, mass, clean, method, mode), chunks
 
 
 def _estimate_table(
@@ -176,7 +226,8 @@ def _gradient_estimates(model, batches, metric, units, positions, batch_size, mo
 
 
 # ============================================================================ recomputed estimates
-def _recomputed_estimates(model, batches, metric, units, positions, batch_size, mode, factor, method, budget):
+def _recomputed_estimates(model, batches, metric, units, positions, batch_size, mode, factor, method, budget,
+                          recompute_top, chunks: list[ChunkRun], keep_bytes: int):
     n_prompts = sum(int(b.shape[0]) for b in batches)
     estimate = np.full((len(units), n_prompts), np.nan)
     mass = np.full((len(units), n_prompts), np.nan)
@@ -189,14 +240,26 @@ def _recomputed_estimates(model, batches, metric, units, positions, batch_size, 
             offset = rows.stop
             clean_pass = _clean_pass_with_gradients(model, chunk, chunk_metric.differentiable())
             clean[rows] = clean_pass.metric.double().cpu().numpy()
+            kept = clean_pass.run if keep_bytes >= sum(_run_bytes(c.clean) for c in chunks) + _run_bytes(clean_pass.run) else None
+            chunks.append(ChunkRun(rows, chunk, kept))
             read = _read_positions(chunk_metric, chunk.shape[1], positions)
             for i, unit in enumerate(units):
                 mass[i, rows] = _unit_mass(clean_pass.weights, unit, read)
             values = _slice_estimates(model, chunk, chunk_metric, clean_pass, units, mode, factor, positions,
-                                      method, budget)
+                                      method, budget, recompute_top)
             for i, value in values.items():
                 estimate[i, rows] = value
     return estimate, mass, clean
+
+
+def _run_bytes(run: Optional[CleanRun]) -> int:
+    """The memory a clean run holds (each storage once: successive states share tensors)."""
+    if run is None:
+        return 0
+    tensors = [t for state in run.states for t in state.sources()] + [run.logits] + list(run.weights.values())
+    tensors += [t for entry in run.kv for t in (entry.keys, entry.values)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _read_positions(metric: Metric, n_pos: int, positions: Any) -> list[int]:
@@ -224,13 +287,13 @@ def _clean_pass_with_gradients(
         return hook
 
     hooks = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
-    logits: dict[str, Tensor] = {}
+    logits_of: dict[str, Tensor] = {}
     routed: dict[str, Tensor] = {}
     for spec in model.router_specs:
         if spec.name != "final_router":
             hooks.append((f"{spec.name}.hook_out", keep(routed, spec.name)))
         hooks.append((f"{spec.name}.hook_sources", keep(sources, spec.name)))
-        hooks.append((f"{spec.name}.hook_logits", keep(logits, spec.name)))
+        hooks.append((f"{spec.name}.hook_logits", keep(logits_of, spec.name)))
         hooks.append((f"{spec.name}.hook_weights", keep(weights, spec.name)))
     outputs: list[Tensor] = []
 
@@ -239,23 +302,44 @@ def _clean_pass_with_gradients(
 
     for layer in range(model.cfg.n_layers):
         hooks += [(f"blocks.{layer}.hook_attn_out", keep_output), (f"blocks.{layer}.hook_mlp_out", keep_output)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        state = model.run_from(model.initial_state(tokens))
-        y = model.final_input(state)
-        values = metric_fn(model.unembed(model.ln_final(y)), tokens)
-        direct_wrt = [y] if model.final_router is None else [sources["final_router"]]
-        names = list(routed)
-        grads = torch.autograd.grad(values.sum(), [routed[n] for n in names] + outputs + direct_wrt, allow_unused=True)
+    kv = [KVCacheEntry() for _ in range(model.cfg.n_layers)]
+    normed: dict[int, Tensor] = {}  # sublayer k -> its input norm's output n_k
+    handles = [
+        norm.register_forward_hook(lambda module, args, out, k=2 * layer + i: normed.__setitem__(k, out))
+        for layer, block in enumerate(model.blocks) for i, norm in enumerate((block.ln1, block.ln2))
+    ]
+    try:
+        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+            states = model.states(tokens, kv)
+            y = model.final_input(states[-1])
+            logits = model.unembed(model.ln_final(y))
+            values = metric_fn(logits, tokens)
+            direct_wrt = [y] if model.final_router is None else [sources["final_router"]]
+            names = list(routed)
+            steps = sorted(normed)
+            grads = torch.autograd.grad(values.sum(), [routed[n] for n in names] + [normed[k] for k in steps]
+                                        + outputs + direct_wrt, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    normed_grads = {k: (torch.zeros_like(normed[k]) if g is None else g.detach()) for k, g in zip(steps, grads[len(names):])}
     routed_grads = {n: (torch.zeros_like(routed[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
-    grads = grads[len(names):]
+    grads = grads[len(names) + len(steps):]
     total = [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outputs, grads)]
     g_direct = grads[-1].detach()
     direct = [g_direct if model.final_router is None else g_direct[:, :, _final_source_of(model, k)]
               for k in range(model.cfg.n_sublayers)]
-    return _Pass({n: t.detach() for n, t in sources.items()}, {n: t.detach() for n, t in logits.items()},
-                 {n: t.detach() for n, t in weights.items()},
+    detached = {n: t.detach() for n, t in weights.items()}
+    run = CleanRun([_detached(state) for state in states], logits.detach(), detached,
+                   [KVCacheEntry(e.keys.detach(), e.values.detach()) for e in kv])
+    return _Pass({n: t.detach() for n, t in sources.items()}, {n: t.detach() for n, t in logits_of.items()}, detached,
                  {n: t.detach() for n, t in routed.items()}, routed_grads,
-                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach())
+                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach(), run,
+                 {k: t.detach() for k, t in normed.items()}, normed_grads)
+
+
+def _detached(state: DepthState) -> DepthState:
+    return DepthState(tuple(t.detach() for t in state.completed), None if state.current is None else state.current.detach())
 
 
 def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
@@ -266,9 +350,13 @@ def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
     return 1 + (k // 2) // cfg.layers_per_block
 
 
-def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget):
-    """Every defined unit's per-prompt estimate ``[batch]``; units are stacked along the batch."""
+def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget, recompute_top):
+    """Every defined unit's per-prompt estimate ``[batch]``; units are stacked along the batch.
+    With ``recompute_top``, every unit is first estimated without recomputing its sublayer
+    (its input norm exactly, first order after it), and only the ``recompute_top`` units of
+    largest such ``|estimate|`` are then recomputed."""
     batch, n_pos = tokens.shape
+    budget = budget or default_budget(model, batch * n_pos)
     per_stack = max(1, budget // (batch * n_pos))
     seq = model.sequence_context(n_pos, tokens.device)
     defined = {}
@@ -279,8 +367,21 @@ def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, p
         except MaskAllSourcesError:
             continue
         defined[i] = iv
-    out = {}
     order = list(defined)
+    if recompute_top is None:
+        return _stack_estimates(model, tokens, metric, clean, units, defined, order, per_stack, seq, method, True)
+    out = _stack_estimates(model, tokens, metric, clean, units, defined, order, per_stack, seq, method, False)
+    recomputable = [i for i in order if any(spec.name != "final_router" for spec, _ in units[i].touched)]
+    ranked = sorted(recomputable, key=lambda i: -abs(float(out[i].mean())))[:recompute_top]
+    out.update(_stack_estimates(model, tokens, metric, clean, units, defined, ranked, per_stack, seq, method, True))
+    return out
+
+
+def _stack_estimates(model, tokens, metric, clean: _Pass, units, defined, order, per_stack, seq, method, recompute):
+    """The estimates of the units ``order``, ``per_stack`` at a time; with ``recompute=False``
+    large moves are taken to first order after the sublayer's input norm (recomputed exactly)."""
+    batch = tokens.shape[0]
+    out = {}
     for first in range(0, len(order), per_stack):
         stack = order[first:first + per_stack]
         members = [defined[i] for i in stack]
@@ -288,7 +389,7 @@ def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, p
         stack_units = [units[i] for i in stack]
         direct.active.update(j for j, unit in enumerate(stack_units) if any(sp.name == "final_router" for sp, _ in unit.touched))
         with model.hooks(fwd_hooks=_stack_hooks(model, stack_units, members, batch)):
-            linear = _sublayer_deltas(model, clean, stack_units, seq, batch, direct)
+            linear = _sublayer_deltas(model, clean, stack_units, seq, batch, direct, recompute)
             readout = direct.readout_values(model, tokens, metric, clean, len(members))
         if method == "norm_fix":  # linear after the sublayer; the final router's own slices read out exactly
             final_only = [all(spec.name == "final_router" for spec, _ in units[i].touched) for i in stack]
@@ -367,7 +468,7 @@ def _stack_hooks(model, units, interventions, batch: int) -> list:
     return hooks_from_ops(ops)
 
 
-def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath):
+def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath, recompute: bool = True):
     """For every sublayer ``k`` the stack touches, recompute it exactly under each member's
     intervention, add ``d_k = o'_k - o_k`` to ``direct``, and return per member the linear
     terms ``g_k . d_k`` (``total``) and ``(g_k - g^dir_k) . d_k`` (``indirect``), ``[batch]``."""
@@ -397,6 +498,14 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
             if not members:
                 continue
             h = h.view(-1, batch, *h.shape[1:])[big].reshape(len(big) * batch, *h.shape[1:])
+            if not recompute:  # the input norm exactly, first order after it
+                norm = block.ln1(block.hook_attn_in(h)) if k % 2 == 0 else block.ln2(block.hook_mlp_in(h))
+                moved = (norm.view(len(big), batch, *norm.shape[1:]) - clean.normed[k]).double()
+                terms = (clean.normed_grads[k].double() * moved).sum((2, 3)).cpu()
+                for slot, j in enumerate(members):
+                    total[j] += terms[slot]
+                    indirect[j] += terms[slot]
+                continue
             if k % 2 == 0:
                 new = block.hook_attn_out(block.attn(block.ln1(block.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, None))
             else:
@@ -411,4 +520,12 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
     return {"total": total, "indirect": indirect}
 
 
-__all__ = ["ESTIMATE_COLUMNS", "ESTIMATE_MODES", "METHODS", "estimate_effects"]
+__all__ = [
+    "ESTIMATE_COLUMNS",
+    "ESTIMATE_MODES",
+    "KEEP_CLEAN_BYTES",
+    "METHODS",
+    "ChunkRun",
+    "estimate_effects",
+    "estimate_keeping_clean_runs",
+]
