@@ -110,8 +110,6 @@ class _Pass:
     final_input: Tensor  # y
     metric: Tensor  # [batch]
     run: CleanRun  # the same forward as the exact engine keeps it (states, logits, weights, keys/values)
-    normed: dict[int, Tensor]  # sublayer k -> n_k, its input norm's output
-    normed_grads: dict[int, Tensor]  # sublayer k -> dM/dn_k
 
 
 def estimate_effects(
@@ -128,7 +126,6 @@ def estimate_effects(
     merge_duplicates: bool = True,
     max_batch_tokens: Optional[int] = None,
     bands: Any = None,
-    recompute_top: Optional[int] = None,
 ) -> pd.DataFrame:
     """Estimate the effect of intervening on every slice (or family, or group) with ``mode``
     (``"zero"``, ``"mask"`` or ``"scale"`` with ``factor``) without the exact sweep.
@@ -147,7 +144,7 @@ def estimate_effects(
     :class:`~attnres_lens.selection.SweepUnit` of each row.
     """
     table, _ = _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
-                         max_batch_tokens, bands, recompute_top, keep_bytes=0)
+                         max_batch_tokens, bands, keep_bytes=0)
     return table
 
 
@@ -162,18 +159,17 @@ def estimate_keeping_clean_runs(
     batch_size: Optional[int],
     merge_duplicates: bool,
     bands: Any,
-    recompute_top: Optional[int] = None,
     keep_bytes: int = KEEP_CLEAN_BYTES,
 ) -> tuple[pd.DataFrame, list[ChunkRun]]:
     """:func:`estimate_effects` (method ``"readout"``) and, per minibatch, the clean run its
     forward made, kept for the exact engine while they fit in ``keep_bytes`` (the screen's
     exact part starts from them instead of running the clean forward again)."""
     return _estimate(model, tokens, mode, metric, "readout", groups, positions, None, batch_size, merge_duplicates,
-                     None, bands, recompute_top, keep_bytes=keep_bytes)
+                     None, bands, keep_bytes=keep_bytes)
 
 
 def _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
-              max_batch_tokens, bands, recompute_top, keep_bytes: int) -> tuple[pd.DataFrame, list[ChunkRun]]:
+              max_batch_tokens, bands, keep_bytes: int) -> tuple[pd.DataFrame, list[ChunkRun]]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     if mode not in ESTIMATE_MODES:
@@ -192,7 +188,7 @@ def _estimate(model, tokens, mode, metric, method, groups, positions, factor, ba
     else:
         per_prompt, mass, clean = _recomputed_estimates(
             model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens,
-            recompute_top, chunks, keep_bytes,
+            chunks, keep_bytes,
         )
     return _estimate_table(units, per_prompt, mass, clean, method, mode), chunks
 
@@ -227,7 +223,7 @@ def _gradient_estimates(model, batches, metric, units, positions, batch_size, mo
 
 # ============================================================================ recomputed estimates
 def _recomputed_estimates(model, batches, metric, units, positions, batch_size, mode, factor, method, budget,
-                          recompute_top, chunks: list[ChunkRun], keep_bytes: int):
+                          chunks: list[ChunkRun], keep_bytes: int):
     n_prompts = sum(int(b.shape[0]) for b in batches)
     estimate = np.full((len(units), n_prompts), np.nan)
     mass = np.full((len(units), n_prompts), np.nan)
@@ -246,7 +242,7 @@ def _recomputed_estimates(model, batches, metric, units, positions, batch_size, 
             for i, unit in enumerate(units):
                 mass[i, rows] = _unit_mass(clean_pass.weights, unit, read)
             values = _slice_estimates(model, chunk, chunk_metric, clean_pass, units, mode, factor, positions,
-                                      method, budget, recompute_top)
+                                      method, budget)
             for i, value in values.items():
                 estimate[i, rows] = value
     return estimate, mass, clean
@@ -303,28 +299,16 @@ def _clean_pass_with_gradients(
     for layer in range(model.cfg.n_layers):
         hooks += [(f"blocks.{layer}.hook_attn_out", keep_output), (f"blocks.{layer}.hook_mlp_out", keep_output)]
     kv = [KVCacheEntry() for _ in range(model.cfg.n_layers)]
-    normed: dict[int, Tensor] = {}  # sublayer k -> its input norm's output n_k
-    handles = [
-        norm.register_forward_hook(lambda module, args, out, k=2 * layer + i: normed.__setitem__(k, out))
-        for layer, block in enumerate(model.blocks) for i, norm in enumerate((block.ln1, block.ln2))
-    ]
-    try:
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-            states = model.states(tokens, kv)
-            y = model.final_input(states[-1])
-            logits = model.unembed(model.ln_final(y))
-            values = metric_fn(logits, tokens)
-            direct_wrt = [y] if model.final_router is None else [sources["final_router"]]
-            names = list(routed)
-            steps = sorted(normed)
-            grads = torch.autograd.grad(values.sum(), [routed[n] for n in names] + [normed[k] for k in steps]
-                                        + outputs + direct_wrt, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    normed_grads = {k: (torch.zeros_like(normed[k]) if g is None else g.detach()) for k, g in zip(steps, grads[len(names):])}
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        states = model.states(tokens, kv)
+        y = model.final_input(states[-1])
+        logits = model.unembed(model.ln_final(y))
+        values = metric_fn(logits, tokens)
+        direct_wrt = [y] if model.final_router is None else [sources["final_router"]]
+        names = list(routed)
+        grads = torch.autograd.grad(values.sum(), [routed[n] for n in names] + outputs + direct_wrt, allow_unused=True)
     routed_grads = {n: (torch.zeros_like(routed[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
-    grads = grads[len(names) + len(steps):]
+    grads = grads[len(names):]
     total = [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outputs, grads)]
     g_direct = grads[-1].detach()
     direct = [g_direct if model.final_router is None else g_direct[:, :, _final_source_of(model, k)]
@@ -334,8 +318,7 @@ def _clean_pass_with_gradients(
                    [KVCacheEntry(e.keys.detach(), e.values.detach()) for e in kv])
     return _Pass({n: t.detach() for n, t in sources.items()}, {n: t.detach() for n, t in logits_of.items()}, detached,
                  {n: t.detach() for n, t in routed.items()}, routed_grads,
-                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach(), run,
-                 {k: t.detach() for k, t in normed.items()}, normed_grads)
+                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach(), run)
 
 
 def _detached(state: DepthState) -> DepthState:
@@ -350,11 +333,8 @@ def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
     return 1 + (k // 2) // cfg.layers_per_block
 
 
-def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget, recompute_top):
-    """Every defined unit's per-prompt estimate ``[batch]``; units are stacked along the batch.
-    With ``recompute_top``, every unit is first estimated without recomputing its sublayer
-    (its input norm exactly, first order after it), and only the ``recompute_top`` units of
-    largest such ``|estimate|`` are then recomputed."""
+def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget):
+    """Every defined unit's per-prompt estimate ``[batch]``; units are stacked along the batch."""
     batch, n_pos = tokens.shape
     budget = budget or default_budget(model, batch * n_pos)
     per_stack = max(1, budget // (batch * n_pos))
@@ -367,19 +347,11 @@ def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, p
         except MaskAllSourcesError:
             continue
         defined[i] = iv
-    order = list(defined)
-    if recompute_top is None:
-        return _stack_estimates(model, tokens, metric, clean, units, defined, order, per_stack, seq, method, True)
-    out = _stack_estimates(model, tokens, metric, clean, units, defined, order, per_stack, seq, method, False)
-    recomputable = [i for i in order if any(spec.name != "final_router" for spec, _ in units[i].touched)]
-    ranked = sorted(recomputable, key=lambda i: -abs(float(out[i].mean())))[:recompute_top]
-    out.update(_stack_estimates(model, tokens, metric, clean, units, defined, ranked, per_stack, seq, method, True))
-    return out
+    return _stack_estimates(model, tokens, metric, clean, units, defined, list(defined), per_stack, seq, method)
 
 
-def _stack_estimates(model, tokens, metric, clean: _Pass, units, defined, order, per_stack, seq, method, recompute):
-    """The estimates of the units ``order``, ``per_stack`` at a time; with ``recompute=False``
-    large moves are taken to first order after the sublayer's input norm (recomputed exactly)."""
+def _stack_estimates(model, tokens, metric, clean: _Pass, units, defined, order, per_stack, seq, method):
+    """The estimates of the units ``order``, ``per_stack`` at a time."""
     batch = tokens.shape[0]
     out = {}
     for first in range(0, len(order), per_stack):
@@ -389,7 +361,7 @@ def _stack_estimates(model, tokens, metric, clean: _Pass, units, defined, order,
         stack_units = [units[i] for i in stack]
         direct.active.update(j for j, unit in enumerate(stack_units) if any(sp.name == "final_router" for sp, _ in unit.touched))
         with model.hooks(fwd_hooks=_stack_hooks(model, stack_units, members, batch)):
-            linear = _sublayer_deltas(model, clean, stack_units, seq, batch, direct, recompute)
+            linear = _sublayer_deltas(model, clean, stack_units, seq, batch, direct)
             readout = direct.readout_values(model, tokens, metric, clean, len(members))
         if method == "norm_fix":  # linear after the sublayer; the final router's own slices read out exactly
             final_only = [all(spec.name == "final_router" for spec, _ in units[i].touched) for i in stack]
@@ -468,7 +440,13 @@ def _stack_hooks(model, units, interventions, batch: int) -> list:
     return hooks_from_ops(ops)
 
 
-def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath, recompute: bool = True):
+def _dots(stacked: Tensor, grad: Tensor) -> Tensor:
+    """``[member, batch]``: each member's ``[batch, pos, d_model]`` slice of ``stacked`` dotted with
+    ``grad`` over positions and features, per prompt (one batched product, float64 out)."""
+    return torch.einsum("mbpd,bpd->mb", stacked, grad).double().cpu()
+
+
+def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath):
     """For every sublayer ``k`` the stack touches, recompute it exactly under each member's
     intervention, add ``d_k = o'_k - o_k`` to ``direct``, and return per member the linear
     terms ``g_k . d_k`` (``total``) and ``(g_k - g^dir_k) . d_k`` (``indirect``), ``[batch]``."""
@@ -486,37 +464,30 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
         module = model.router(router)
         with torch.no_grad():
             h = _route(module, clean.logits[router].repeat(len(members), 1, 1), clean.sources[router])
-            change = (h.view(len(members), batch, *h.shape[1:]) - clean.routed[router]).double()
-            relative = (change.norm(dim=-1) / clean.routed[router].double().norm(dim=-1).clamp_min(1e-30)).amax(dim=(1, 2))
-            for slot, j in enumerate(members):  # small changes: first order through the norm is accurate
-                if relative[slot] < RECOMPUTE_ABOVE:
-                    term = (clean.routed_grads[router].double() * change[slot]).sum((1, 2)).cpu()
-                    total[j] += term
-                    indirect[j] += term
+            change = h.view(len(members), batch, *h.shape[1:]) - clean.routed[router]
+            relative = (change.norm(dim=-1) / clean.routed[router].norm(dim=-1).clamp_min(1e-30)).amax(dim=(1, 2))
+            small = [slot for slot in range(len(members)) if relative[slot] < RECOMPUTE_ABOVE]
             big = [slot for slot in range(len(members)) if relative[slot] >= RECOMPUTE_ABOVE]
+            if small:  # small changes: first order through the norm is accurate
+                terms = _dots(change[small], clean.routed_grads[router])
+                for slot, term in zip(small, terms):
+                    total[members[slot]] += term
+                    indirect[members[slot]] += term
             members = [members[slot] for slot in big]
             if not members:
                 continue
-            h = h.view(-1, batch, *h.shape[1:])[big].reshape(len(big) * batch, *h.shape[1:])
-            if not recompute:  # the input norm exactly, first order after it
-                norm = block.ln1(block.hook_attn_in(h)) if k % 2 == 0 else block.ln2(block.hook_mlp_in(h))
-                moved = (norm.view(len(big), batch, *norm.shape[1:]) - clean.normed[k]).double()
-                terms = (clean.normed_grads[k].double() * moved).sum((2, 3)).cpu()
-                for slot, j in enumerate(members):
-                    total[j] += terms[slot]
-                    indirect[j] += terms[slot]
-                continue
+            h = change[big].add_(clean.routed[router]).view(len(big) * batch, *h.shape[1:])
             if k % 2 == 0:
                 new = block.hook_attn_out(block.attn(block.ln1(block.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, None))
             else:
                 new = block.hook_mlp_out(block.mlp(block.ln2(block.hook_mlp_in(h))))
-        g, g_dir = clean.total[k], clean.direct[k]
+            parts = new.view(len(members), batch, *new.shape[1:]).sub_(clean.outputs[k])
+            along_total = _dots(parts, clean.total[k])
+            along_indirect = _dots(parts, clean.total[k] - clean.direct[k])
         for slot, j in enumerate(members):
-            part = new[slot * batch:(slot + 1) * batch] - clean.outputs[k]
-            direct.add(model, k, j, part)
-            along_total = (g * part).double().sum((1, 2))
-            total[j] += along_total.cpu()
-            indirect[j] += (along_total - (g_dir * part).double().sum((1, 2))).cpu()
+            direct.add(model, k, j, parts[slot])
+            total[j] += along_total[slot]
+            indirect[j] += along_indirect[slot]
     return {"total": total, "indirect": indirect}
 
 

@@ -104,7 +104,7 @@ def _choose_rows(
     if engine == "estimate":
         return [], [], []
     n = len(defined)
-    k = max(top_k + 2, math.ceil(0.05 * n)) if k is None else k
+    k = max(top_k + 1, math.ceil(0.05 * n)) if k is None else k
     for name, value in (("screen_k", k), ("screen_control", control)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
