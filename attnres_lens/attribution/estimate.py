@@ -42,7 +42,8 @@ so it is not offered.
 
 Cost: one forward and one backward for all slices, then per slice one router, one sublayer and
 one readout (final router, norm, unembedding, metric), independent of the depth after the
-slice. Measured against the exact sweep by ``benchmarks/attribution.py``.
+slice. The forward is the exact engine's clean run too (:class:`ChunkRun`), so the screen's
+exact part does not repeat it. Measured against the exact sweep by ``benchmarks/attribution.py``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def estimate_effects(
     docstring for each). ``metric``: ``"loss"`` or a differentiable callable ``(logits,
     tokens) -> [batch]``; ``"kl"`` is refused (its gradient is 0 at the clean run).
     ``groups``, ``bands``, ``positions``, ``batch_size`` and ``merge_duplicates`` as in
-    :func:`~attnres_lens.patching.sweep_sources`.
+    :func:`~attnres_lens.patching.sweep_sources`; ``max_batch_tokens``: tokens per stack of
+    recomputed slices (default: the exact engine's, :func:`~attnres_lens.sweep_engine.default_budget`).
 
     Returns the sweep's key columns (``router, layer, sublayer, source, family, label,
     n_copies``), ``mass`` (as in the sweep), ``metric_clean``, ``estimate`` (mean over prompts

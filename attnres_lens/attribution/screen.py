@@ -100,7 +100,12 @@ def exact_rows(
 def _choose_rows(
     estimate: np.ndarray, defined: np.ndarray, engine: str, k: Optional[int], control: Optional[int], seed: int, top_k: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """The rows to measure: the ``k`` largest ``|estimate|`` and ``control`` random others."""
+    """The rows to measure: the ``k`` largest ``|estimate|`` and ``control`` random others.
+
+    Default ``k = max(top_k + 1, 5% of the rows)``: one row beyond the ``top_k`` reported, as
+    the most exact work bought. The top rows are typically the early, full-depth ones (each
+    about one forward), and on the bundled trained model a second spare row changed nothing
+    (``docs/attribution.md``)."""
     if engine == "estimate":
         return [], [], []
     n = len(defined)
