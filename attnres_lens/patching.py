@@ -50,7 +50,7 @@ from .selection import (
     select_indices,
     sweep_units,
 )
-from .sweep_engine import BatchedPatchRuns, Rerun, clean_pass, first_position, run_batched, run_naive
+from .sweep_engine import BatchedPatchRuns, Rerun, clean_pass, default_budget, first_position, run_batched, run_naive
 
 
 class UndefinedInterventionWarning(UserWarning):
@@ -240,22 +240,10 @@ def _batched_patch_runs(
         iv = Intervention(Slice(spec.name, source), "patch", target=target, value=values[layer], positions=pos)
         reruns.append(Rerun(tuple(int(i) for i in row), iv, spec.step, pos or 0))
         hook_names.append(f"blocks.{layer}.hook_{sublayer}_router_{what}")
-    return BatchedPatchRuns(model, tokens, reruns, hook_names, _default_budget(model, tokens.numel()))
+    return BatchedPatchRuns(model, tokens, reruns, hook_names, default_budget(model, tokens.numel()))
 
 
 # ============================================================================ the sweep
-def _default_budget(model: HookedAttnResTransformer, tokens_per_prompt_batch: int) -> int:
-    """Tokens per stacked forward: about 1 GiB of activations and logits, and on CPU at most
-    4096 (beyond that a stack only adds memory traffic there: measured with
-    ``benchmarks/sweep.py``)."""
-    cfg = model.cfg
-    max_sources = max(spec.n_sources for spec in model.router_specs)
-    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
-    per_token = itemsize * (2 * cfg.d_vocab + cfg.d_model * (max_sources + 8) + 3 * cfg.d_mlp)
-    cap = 1 << 12 if model.embed.weight.device.type == "cpu" else 1 << 15
-    return max(tokens_per_prompt_batch, min(cap, (1 << 30) // per_token))
-
-
 def _prepare_reference(
     model: HookedAttnResTransformer,
     mode: str,
@@ -637,7 +625,7 @@ def _measure_minibatch(
     if settings.engine == "naive":
         results = run_naive(model, minibatch, interventions, metric, clean_log_probs, bar)
     else:
-        budget = settings.max_batch_tokens or _default_budget(model, minibatch.numel())
+        budget = settings.max_batch_tokens or default_budget(model, minibatch.numel())
         n_pos = minibatch.shape[1]
         reruns = [Rerun(i, iv, units[i].start, first_position(iv, n_pos)) for i, iv in interventions.items()]
         results = run_batched(model, minibatch, reruns, metric, clean, clean_log_probs, budget, bar)

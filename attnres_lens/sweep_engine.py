@@ -111,6 +111,18 @@ def full_logits(clean: CleanRun, new: Float[Tensor, "batch new_pos d_vocab"]) ->
 
 
 # ============================================================================ stacks
+def default_budget(model: HookedAttnResTransformer, tokens_per_prompt_batch: int) -> int:
+    """Tokens per stacked forward: about 1 GiB of activations and logits, and on CPU at most
+    4096 (beyond that a stack only adds memory traffic there: measured with
+    ``benchmarks/sweep.py``)."""
+    cfg = model.cfg
+    max_sources = max(spec.n_sources for spec in model.router_specs)
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    per_token = itemsize * (2 * cfg.d_vocab + cfg.d_model * (max_sources + 8) + 3 * cfg.d_mlp)
+    cap = 1 << 12 if model.embed.weight.device.type == "cpu" else 1 << 15
+    return max(tokens_per_prompt_batch, min(cap, (1 << 30) // per_token))
+
+
 def stacks(reruns: Iterable[Rerun], batch: int, n_pos: int, budget: int) -> Iterator[list[Rerun]]:
     """Consecutive reruns grouped into stacks: at most ``budget`` tokens (stacked rows x batch
     x rerun positions; one row always fits), and no row rerunning more than twice its own
@@ -335,6 +347,7 @@ __all__ = [
     "Rerun",
     "ValuesFromPosition",
     "clean_pass",
+    "default_budget",
     "first_position",
     "full_logits",
     "run_batched",

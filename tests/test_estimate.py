@@ -118,3 +118,28 @@ def test_mass_vs_effect_names_its_engines():
     model, tokens = _model("kimi-block"), _tokens()
     with pytest.raises(ValueError, match="screen"):
         mass_vs_effect(model, tokens, engine="fast")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_screens_exact_part_starts_from_the_estimates_clean_run(name):
+    """The estimate's forward is the exact engine's clean run: measuring rows from it, or from
+    a fresh clean pass (nothing kept), gives the sweep's effects, minibatch by minibatch."""
+    from attnres_lens.attribution.estimate import estimate_keeping_clean_runs
+    from attnres_lens.attribution.screen import exact_rows
+    from attnres_lens.metrics import Metric
+
+    model, tokens = _model(name), _tokens(6)
+    exact = sweep_sources(model, tokens, mode="zero", progress=False, batch_size=4)
+    kwargs = dict(mode="zero", metric=Metric.resolve("loss"), groups="slice", positions=None, batch_size=4,
+                  merge_duplicates=True, bands=None)
+    for keep_bytes, kept in ((1 << 30, True), (0, False)):
+        table, chunks = estimate_keeping_clean_runs(model, tokens, keep_bytes=keep_bytes, **kwargs)
+        assert [c.rows for c in chunks] == [slice(0, 4), slice(4, 6)]
+        assert all((c.clean is not None) == kept for c in chunks)
+        rows = [0, 3, len(table) - 1]
+        effect = np.full((len(table), 6), np.nan)
+        clean = exact_rows(model, chunks, table.attrs["units"], rows, "zero", Metric.resolve("loss"), None, effect)
+        np.testing.assert_allclose(clean, exact.attrs["metric_clean_per_prompt"], atol=1e-6)
+        for i in rows:
+            np.testing.assert_allclose(effect[i], exact.effect_per_prompt.iloc[i], atol=1e-6)
+        assert np.isnan(effect[1]).all()

@@ -42,7 +42,8 @@ so it is not offered.
 
 Cost: one forward and one backward for all slices, then per slice one router, one sublayer and
 one readout (final router, norm, unembedding, metric), independent of the depth after the
-slice. Measured against the exact sweep by ``benchmarks/attribution.py``.
+slice. The forward is the exact engine's clean run too (:class:`ChunkRun`), so the screen's
+exact part does not repeat it. Measured against the exact sweep by ``benchmarks/attribution.py``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ from torch import Tensor
 from ..interventions import Intervention, MaskAllSourcesError
 from ..interventions.compile import compile_interventions, hooks_from_ops
 from ..metrics import Metric
+from ..components import KVCacheEntry
+from ..model import DepthState
 from ..selection import SweepUnit, resolve_positions, sweep_units
+from ..sweep_engine import CleanRun, default_budget
 from .data import as_batches, split_batch
 from .gradients import gradient_rows
 
@@ -73,10 +77,23 @@ METHODS: tuple[str, ...] = ("readout", "norm_fix", "gradient")
 RECOMPUTE_ABOVE = 0.05
 #: Modes the estimator supports: those whose value does not come from another run.
 ESTIMATE_MODES: tuple[str, ...] = ("zero", "mask", "scale")
+#: How much memory of clean runs :func:`estimate_keeping_clean_runs` keeps for the exact
+#: part of the screen (beyond it, the exact part reruns the clean forward of the rest).
+KEEP_CLEAN_BYTES = 1 << 30
 ESTIMATE_COLUMNS: tuple[str, ...] = (
     "router", "layer", "sublayer", "source", "family", "label", "n_copies", "mass", "metric_clean",
     "estimate", "mass_per_prompt", "estimate_per_prompt",
 )
+
+
+@dataclass
+class ChunkRun:
+    """One minibatch as the estimator ran it: which prompts of the dataset it holds (``rows``),
+    their tokens, and the clean run of its forward (``None`` where not kept)."""
+
+    rows: slice
+    tokens: Tensor
+    clean: Optional[CleanRun]
 
 
 @dataclass
@@ -93,6 +110,7 @@ class _Pass:
     direct: list[Tensor]  # sublayer k -> the direct-path part of dM/do_k
     final_input: Tensor  # y
     metric: Tensor  # [batch]
+    run: CleanRun  # the same forward as the exact engine keeps it (states, logits, weights, keys/values)
 
 
 def estimate_effects(
@@ -107,7 +125,7 @@ def estimate_effects(
     factor: Optional[float] = None,
     batch_size: Optional[int] = None,
     merge_duplicates: bool = True,
-    max_batch_tokens: int = 1 << 15,
+    max_batch_tokens: Optional[int] = None,
     bands: Any = None,
 ) -> pd.DataFrame:
     """Estimate the effect of intervening on every slice (or family, or group) with ``mode``
@@ -117,7 +135,8 @@ def estimate_effects(
     docstring for each). ``metric``: ``"loss"`` or a differentiable callable ``(logits,
     tokens) -> [batch]``; ``"kl"`` is refused (its gradient is 0 at the clean run).
     ``groups``, ``bands``, ``positions``, ``batch_size`` and ``merge_duplicates`` as in
-    :func:`~attnres_lens.patching.sweep_sources`.
+    :func:`~attnres_lens.patching.sweep_sources`; ``max_batch_tokens``: tokens per stack of
+    recomputed slices (default: the exact engine's, :func:`~attnres_lens.sweep_engine.default_budget`).
 
     Returns the sweep's key columns (``router, layer, sublayer, source, family, label,
     n_copies``), ``mass`` (as in the sweep), ``metric_clean``, ``estimate`` (mean over prompts
@@ -126,6 +145,33 @@ def estimate_effects(
     (masking every source of a router) are NaN. ``df.attrs["units"]`` holds the
     :class:`~attnres_lens.selection.SweepUnit` of each row.
     """
+    table, _ = _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
+                         max_batch_tokens, bands, keep_bytes=0)
+    return table
+
+
+def estimate_keeping_clean_runs(
+    model: "HookedAttnResTransformer",
+    tokens: Any,
+    *,
+    mode: str,
+    metric: Any,
+    groups: Any,
+    positions: Any,
+    batch_size: Optional[int],
+    merge_duplicates: bool,
+    bands: Any,
+    keep_bytes: int = KEEP_CLEAN_BYTES,
+) -> tuple[pd.DataFrame, list[ChunkRun]]:
+    """:func:`estimate_effects` (method ``"readout"``) and, per minibatch, the clean run its
+    forward made, kept for the exact engine while they fit in ``keep_bytes`` (the screen's
+    exact part starts from them instead of running the clean forward again)."""
+    return _estimate(model, tokens, mode, metric, "readout", groups, positions, None, batch_size, merge_duplicates,
+                     None, bands, keep_bytes=keep_bytes)
+
+
+def _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
+              max_batch_tokens, bands, keep_bytes: int) -> tuple[pd.DataFrame, list[ChunkRun]]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     if mode not in ESTIMATE_MODES:
@@ -138,13 +184,15 @@ def estimate_effects(
     batches = as_batches(model, tokens)
     bands = bands if isinstance(groups, str) and groups == "family_band" else None
     units = sweep_units(model, groups, bands, merge_duplicates=merge_duplicates)
+    chunks: list[ChunkRun] = []
     if method == "gradient":
         per_prompt, mass, clean = _gradient_estimates(model, batches, resolved, units, positions, batch_size, mode, factor)
     else:
         per_prompt, mass, clean = _recomputed_estimates(
-            model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens
+            model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens,
+            chunks, keep_bytes,
         )
-    return _estimate_table(units, per_prompt, mass, clean, method, mode)
+    return _estimate_table(units, per_prompt, mass, clean, method, mode), chunks
 
 
 def _estimate_table(
@@ -176,7 +224,8 @@ def _gradient_estimates(model, batches, metric, units, positions, batch_size, mo
 
 
 # ============================================================================ recomputed estimates
-def _recomputed_estimates(model, batches, metric, units, positions, batch_size, mode, factor, method, budget):
+def _recomputed_estimates(model, batches, metric, units, positions, batch_size, mode, factor, method, budget,
+                          chunks: list[ChunkRun], keep_bytes: int):
     n_prompts = sum(int(b.shape[0]) for b in batches)
     estimate = np.full((len(units), n_prompts), np.nan)
     mass = np.full((len(units), n_prompts), np.nan)
@@ -189,6 +238,8 @@ def _recomputed_estimates(model, batches, metric, units, positions, batch_size, 
             offset = rows.stop
             clean_pass = _clean_pass_with_gradients(model, chunk, chunk_metric.differentiable())
             clean[rows] = clean_pass.metric.double().cpu().numpy()
+            kept = clean_pass.run if keep_bytes >= sum(_run_bytes(c.clean) for c in chunks) + _run_bytes(clean_pass.run) else None
+            chunks.append(ChunkRun(rows, chunk, kept))
             read = _read_positions(chunk_metric, chunk.shape[1], positions)
             for i, unit in enumerate(units):
                 mass[i, rows] = _unit_mass(clean_pass.weights, unit, read)
@@ -197,6 +248,16 @@ def _recomputed_estimates(model, batches, metric, units, positions, batch_size, 
             for i, value in values.items():
                 estimate[i, rows] = value
     return estimate, mass, clean
+
+
+def _run_bytes(run: Optional[CleanRun]) -> int:
+    """The memory a clean run holds (each storage once: successive states share tensors)."""
+    if run is None:
+        return 0
+    tensors = [t for state in run.states for t in state.sources()] + [run.logits] + list(run.weights.values())
+    tensors += [t for entry in run.kv for t in (entry.keys, entry.values)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _read_positions(metric: Metric, n_pos: int, positions: Any) -> list[int]:
@@ -224,13 +285,13 @@ def _clean_pass_with_gradients(
         return hook
 
     hooks = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
-    logits: dict[str, Tensor] = {}
+    logits_of: dict[str, Tensor] = {}
     routed: dict[str, Tensor] = {}
     for spec in model.router_specs:
         if spec.name != "final_router":
             hooks.append((f"{spec.name}.hook_out", keep(routed, spec.name)))
         hooks.append((f"{spec.name}.hook_sources", keep(sources, spec.name)))
-        hooks.append((f"{spec.name}.hook_logits", keep(logits, spec.name)))
+        hooks.append((f"{spec.name}.hook_logits", keep(logits_of, spec.name)))
         hooks.append((f"{spec.name}.hook_weights", keep(weights, spec.name)))
     outputs: list[Tensor] = []
 
@@ -239,10 +300,12 @@ def _clean_pass_with_gradients(
 
     for layer in range(model.cfg.n_layers):
         hooks += [(f"blocks.{layer}.hook_attn_out", keep_output), (f"blocks.{layer}.hook_mlp_out", keep_output)]
+    kv = [KVCacheEntry() for _ in range(model.cfg.n_layers)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        state = model.run_from(model.initial_state(tokens))
-        y = model.final_input(state)
-        values = metric_fn(model.unembed(model.ln_final(y)), tokens)
+        states = model.states(tokens, kv)
+        y = model.final_input(states[-1])
+        logits = model.unembed(model.ln_final(y))
+        values = metric_fn(logits, tokens)
         direct_wrt = [y] if model.final_router is None else [sources["final_router"]]
         names = list(routed)
         grads = torch.autograd.grad(values.sum(), [routed[n] for n in names] + outputs + direct_wrt, allow_unused=True)
@@ -252,10 +315,16 @@ def _clean_pass_with_gradients(
     g_direct = grads[-1].detach()
     direct = [g_direct if model.final_router is None else g_direct[:, :, _final_source_of(model, k)]
               for k in range(model.cfg.n_sublayers)]
-    return _Pass({n: t.detach() for n, t in sources.items()}, {n: t.detach() for n, t in logits.items()},
-                 {n: t.detach() for n, t in weights.items()},
+    detached = {n: t.detach() for n, t in weights.items()}
+    run = CleanRun([_detached(state) for state in states], logits.detach(), detached,
+                   [KVCacheEntry(e.keys.detach(), e.values.detach()) for e in kv])
+    return _Pass({n: t.detach() for n, t in sources.items()}, {n: t.detach() for n, t in logits_of.items()}, detached,
                  {n: t.detach() for n, t in routed.items()}, routed_grads,
-                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach())
+                 [o.detach() for o in outputs], total, direct, y.detach(), values.detach(), run)
+
+
+def _detached(state: DepthState) -> DepthState:
+    return DepthState(tuple(t.detach() for t in state.completed), None if state.current is None else state.current.detach())
 
 
 def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
@@ -269,6 +338,7 @@ def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
 def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget):
     """Every defined unit's per-prompt estimate ``[batch]``; units are stacked along the batch."""
     batch, n_pos = tokens.shape
+    budget = budget or default_budget(model, batch * n_pos)
     per_stack = max(1, budget // (batch * n_pos))
     seq = model.sequence_context(n_pos, tokens.device)
     defined = {}
@@ -279,8 +349,13 @@ def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, p
         except MaskAllSourcesError:
             continue
         defined[i] = iv
+    return _stack_estimates(model, tokens, metric, clean, units, defined, list(defined), per_stack, seq, method)
+
+
+def _stack_estimates(model, tokens, metric, clean: _Pass, units, defined, order, per_stack, seq, method):
+    """The estimates of the units ``order``, ``per_stack`` at a time."""
+    batch = tokens.shape[0]
     out = {}
-    order = list(defined)
     for first in range(0, len(order), per_stack):
         stack = order[first:first + per_stack]
         members = [defined[i] for i in stack]
@@ -367,6 +442,12 @@ def _stack_hooks(model, units, interventions, batch: int) -> list:
     return hooks_from_ops(ops)
 
 
+def _dots(stacked: Tensor, grad: Tensor) -> Tensor:
+    """``[member, batch]``: each member's ``[batch, pos, d_model]`` slice of ``stacked`` dotted with
+    ``grad`` over positions and features, per prompt (one batched product, float64 out)."""
+    return torch.einsum("mbpd,bpd->mb", stacked, grad).double().cpu()
+
+
 def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath):
     """For every sublayer ``k`` the stack touches, recompute it exactly under each member's
     intervention, add ``d_k = o'_k - o_k`` to ``direct``, and return per member the linear
@@ -385,30 +466,39 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
         module = model.router(router)
         with torch.no_grad():
             h = _route(module, clean.logits[router].repeat(len(members), 1, 1), clean.sources[router])
-            change = (h.view(len(members), batch, *h.shape[1:]) - clean.routed[router]).double()
-            relative = (change.norm(dim=-1) / clean.routed[router].double().norm(dim=-1).clamp_min(1e-30)).amax(dim=(1, 2))
-            for slot, j in enumerate(members):  # small changes: first order through the norm is accurate
-                if relative[slot] < RECOMPUTE_ABOVE:
-                    term = (clean.routed_grads[router].double() * change[slot]).sum((1, 2)).cpu()
-                    total[j] += term
-                    indirect[j] += term
+            change = h.view(len(members), batch, *h.shape[1:]) - clean.routed[router]
+            relative = (change.norm(dim=-1) / clean.routed[router].norm(dim=-1).clamp_min(1e-30)).amax(dim=(1, 2))
+            small = [slot for slot in range(len(members)) if relative[slot] < RECOMPUTE_ABOVE]
             big = [slot for slot in range(len(members)) if relative[slot] >= RECOMPUTE_ABOVE]
+            if small:  # small changes: first order through the norm is accurate
+                terms = _dots(change[small], clean.routed_grads[router])
+                for slot, term in zip(small, terms):
+                    total[members[slot]] += term
+                    indirect[members[slot]] += term
             members = [members[slot] for slot in big]
             if not members:
                 continue
-            h = h.view(-1, batch, *h.shape[1:])[big].reshape(len(big) * batch, *h.shape[1:])
+            h = change[big].add_(clean.routed[router]).view(len(big) * batch, *h.shape[1:])
             if k % 2 == 0:
                 new = block.hook_attn_out(block.attn(block.ln1(block.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, None))
             else:
                 new = block.hook_mlp_out(block.mlp(block.ln2(block.hook_mlp_in(h))))
-        g, g_dir = clean.total[k], clean.direct[k]
+            parts = new.view(len(members), batch, *new.shape[1:]).sub_(clean.outputs[k])
+            along_total = _dots(parts, clean.total[k])
+            along_indirect = _dots(parts, clean.total[k] - clean.direct[k])
         for slot, j in enumerate(members):
-            part = new[slot * batch:(slot + 1) * batch] - clean.outputs[k]
-            direct.add(model, k, j, part)
-            along_total = (g * part).double().sum((1, 2))
-            total[j] += along_total.cpu()
-            indirect[j] += (along_total - (g_dir * part).double().sum((1, 2))).cpu()
+            direct.add(model, k, j, parts[slot])
+            total[j] += along_total[slot]
+            indirect[j] += along_indirect[slot]
     return {"total": total, "indirect": indirect}
 
 
-__all__ = ["ESTIMATE_COLUMNS", "ESTIMATE_MODES", "METHODS", "estimate_effects"]
+__all__ = [
+    "ESTIMATE_COLUMNS",
+    "ESTIMATE_MODES",
+    "KEEP_CLEAN_BYTES",
+    "METHODS",
+    "ChunkRun",
+    "estimate_effects",
+    "estimate_keeping_clean_runs",
+]

@@ -135,9 +135,10 @@ def mass_vs_effect(
     Engines: ``"batched"`` (default) and ``"naive"`` run the exact sweep on every row.
     ``"estimate"`` runs none: every row's effect is :func:`estimate_effects`' ``"readout"``
     estimate (modes zero, mask). ``"screen"`` ranks every row with that estimate, computes
-    exactly the ``screen_k`` rows of largest estimated ``|effect|`` (default ``max(top_k + 2,
+    exactly the ``screen_k`` rows of largest estimated ``|effect|`` (default ``max(top_k + 1,
     5% of the rows)``) and a seeded random control subset of ``screen_control`` other rows
-    (default ``max(3, screen_k // 2)``), and keeps the estimate elsewhere. Column ``exact`` says which rows were
+    (default ``max(3, screen_k // 2)``), all in one batched run per minibatch that starts from
+    the estimate's own clean forward, and keeps the estimate elsewhere. Column ``exact`` says which rows were
     measured and ``estimate`` holds every row's estimate; ``settings["screen"]`` lists the
     control rows the estimator missed (their exact ``|effect|`` would have put them in the
     top ``screen_k``) and a bound on how many such rows the unmeasured rest may hold (AtP*'s

@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from ..interventions import Intervention
 from ..metrics import Metric
 from ..patching import SWEEP_COLUMNS, SweepResult
-from .estimate import estimate_effects
-from .exact import sweep_batches
+from ..selection import SweepUnit
+from ..sweep_engine import Rerun, clean_pass, default_budget, first_position, run_batched
+from .estimate import ChunkRun, estimate_keeping_clean_runs
 from .tables import row_name
 
 if TYPE_CHECKING:  # annotations only
@@ -43,44 +46,75 @@ def screened_sweep(
 ) -> tuple[SweepResult, dict]:
     """A :class:`SweepResult` whose rows carry the exact effect where measured and the estimate
     elsewhere, and the screen's account (``settings["screen"]``)."""
-    estimates = estimate_effects(
+    estimates, chunks = estimate_keeping_clean_runs(
         model, batches, mode=mode, metric=metric, groups=groups, positions=positions, batch_size=batch_size,
         merge_duplicates=merge_duplicates, bands=bands,
     )
-    units = estimates.attrs["units"]
-    n = len(units)
-    defined = np.flatnonzero(np.isfinite(estimates["estimate"].to_numpy()))
-    undefined = tuple(int(i) for i in np.flatnonzero(~np.isfinite(estimates["estimate"].to_numpy())))
-    measured, top, controls = _choose_rows(estimates, defined, engine, k, control, seed, top_k)
+    units = estimates.attrs.pop("units")  # (pandas deep-copies attrs on every derived frame)
+    estimate = estimates["estimate"].to_numpy()
+    defined = np.flatnonzero(np.isfinite(estimate))
+    undefined = tuple(int(i) for i in np.flatnonzero(~np.isfinite(estimate)))
+    measured, top, controls = _choose_rows(estimate, defined, engine, k, control, seed, top_k)
     effect = np.vstack([np.asarray(v, dtype=float) for v in estimates["estimate_per_prompt"]])
     clean = np.asarray(estimates.attrs["metric_clean_per_prompt"], dtype=float)
     if measured:
-        exact = sweep_batches(
-            model, batches, mode=mode, metric=metric, groups={str(i): units[i].slices for i in measured},
-            positions=positions, batch_size=batch_size, engine="batched", bands=None, progress=False,
-            merge_duplicates=merge_duplicates,
-        )
-        for row, i in enumerate(measured):
-            effect[i] = np.asarray(exact.table["effect_per_prompt"].iloc[row], dtype=float)
-        clean = np.asarray(exact.table.attrs["metric_clean_per_prompt"], dtype=float)
+        clean = exact_rows(model, chunks, units, measured, mode, metric, positions, effect)
     table = _table(estimates, effect, clean, set(measured), mode, engine)
     info = _screen_info(table, top, controls, defined, engine)
     return SweepResult(table, units, undefined), info
 
 
+def exact_rows(
+    model: "HookedAttnResTransformer",
+    chunks: list[ChunkRun],
+    units: list[SweepUnit],
+    rows: list[int],
+    mode: str,
+    metric: Metric,
+    positions: Any,
+    effect: np.ndarray,
+) -> np.ndarray:
+    """The exact effect of ``units[i]`` for every ``i`` in ``rows``, written into ``effect[i]``
+    (``[unit, prompt]``), by the batched engine, all rows in one call per minibatch, each
+    minibatch starting from the estimator's clean run where it was kept; returns the clean
+    metric per prompt."""
+    clean_metric = np.zeros(effect.shape[1])
+    for chunk in chunks:
+        run = chunk.clean if chunk.clean is not None else clean_pass(model, chunk.tokens)
+        chunk_metric = metric.for_prompts(torch.arange(chunk.rows.start, chunk.rows.stop))
+        clean_values = chunk_metric(run.logits, chunk.tokens, None).double()
+        n_pos = chunk.tokens.shape[1]
+        reruns = []
+        for i in rows:
+            iv = Intervention(units[i].where, mode, positions=positions)
+            reruns.append(Rerun(i, iv, units[i].start, first_position(iv, n_pos)))
+        with tqdm(total=len(reruns), disable=True) as bar:
+            values = run_batched(model, chunk.tokens, reruns, chunk_metric, run, None,
+                                 default_budget(model, chunk.tokens.numel()), bar)
+        for i in rows:
+            effect[i, chunk.rows] = (values[i].double() - clean_values).cpu().numpy()
+        clean_metric[chunk.rows] = clean_values.cpu().numpy()
+    return clean_metric
+
+
 def _choose_rows(
-    estimates: pd.DataFrame, defined: np.ndarray, engine: str, k: Optional[int], control: Optional[int], seed: int, top_k: int
+    estimate: np.ndarray, defined: np.ndarray, engine: str, k: Optional[int], control: Optional[int], seed: int, top_k: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """The rows to measure: the ``k`` largest ``|estimate|`` and ``control`` random others."""
+    """The rows to measure: the ``k`` largest ``|estimate|`` and ``control`` random others.
+
+    Default ``k = max(top_k + 1, 5% of the rows)``: one row beyond the ``top_k`` reported, as
+    the most exact work bought. The top rows are typically the early, full-depth ones (each
+    about one forward), and on the bundled trained model a second spare row changed nothing
+    (``docs/attribution.md``)."""
     if engine == "estimate":
         return [], [], []
     n = len(defined)
-    k = max(top_k + 2, math.ceil(0.05 * n)) if k is None else k
+    k = max(top_k + 1, math.ceil(0.05 * n)) if k is None else k
     for name, value in (("screen_k", k), ("screen_control", control)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     k = min(k, n)
-    order = defined[np.argsort(-np.abs(estimates["estimate"].to_numpy()[defined]), kind="stable")]
+    order = defined[np.argsort(-np.abs(estimate[defined]), kind="stable")]
     top = [int(i) for i in order[:k]]
     rest = order[k:]
     control = min(max(3, k // 2) if control is None else control, len(rest))
@@ -144,4 +178,4 @@ def add_screen_columns(report: Any, result: SweepResult) -> None:
     table["exact"] = [bool(keys.get(n, (np.nan, False))[1]) for n in names]
 
 
-__all__ = ["SCREEN_ENGINES", "add_screen_columns", "screened_sweep"]
+__all__ = ["SCREEN_ENGINES", "add_screen_columns", "exact_rows", "screened_sweep"]
