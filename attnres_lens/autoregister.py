@@ -2,15 +2,17 @@
 imported, without importing either (or torch) when ``attnres_lens`` is imported.
 
 ``import attnres_lens`` calls :func:`install`. For each library below, if it is imported already
-our registering module is imported at once; otherwise a finder on ``sys.meta_path`` imports it
-right after that library has finished importing (a post-import hook, the idea of
+the registration runs at once; otherwise a finder on ``sys.meta_path`` runs it right after that
+library module has finished importing (a post-import hook, the idea of
 ``wrapt.register_post_import_hook``, whose own import costs more than this whole package's):
 
-- ``transformers`` -> :mod:`attnres_lens.hf` registers ``Qwen3AttnResConfig`` /
-  ``Qwen3AttnResForCausalLM`` with ``AutoConfig`` / ``AutoModelForCausalLM``;
-- TransformerLens' adapter factory (imported by ``TransformerBridge``) ->
-  :mod:`attnres_lens.tl_bridge` makes ``Qwen3AttnResForCausalLM`` a supported architecture,
-  which ``boot_transformers`` checks before it reads entry points.
+- ``transformers``: :mod:`attnres_lens.hf` registers ``Qwen3AttnResConfig`` /
+  ``Qwen3AttnResForCausalLM`` with ``AutoConfig`` / ``AutoModelForCausalLM`` (it imports only
+  transformers and torch at module level);
+- TransformerLens' adapter factory: :func:`register_architecture` makes
+  ``Qwen3AttnResForCausalLM`` a supported architecture, which ``boot_transformers`` checks
+  before it reads entry points. It imports nothing of this library: TL 3 imports the factory
+  while ``transformer_lens`` itself (and possibly our own modules) are still being imported.
 """
 
 from __future__ import annotations
@@ -20,25 +22,67 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-#: library module -> our module that registers with it on import
-REGISTRARS = {
-    "transformers": "attnres_lens.hf",
-    "transformer_lens.factories.architecture_adapter_factory": "attnres_lens.tl_bridge",
+#: The architecture name both public AttnRes codebases write into ``config.json``.
+ARCHITECTURE = "Qwen3AttnResForCausalLM"
+#: The entry point this package declares for TransformerLens (``pyproject.toml``).
+ENTRY_POINT_GROUP = "transformer_lens.architectures"
+ENTRY_POINT_VALUE = "attnres_lens.tl_bridge:AttnResArchitectureAdapter"
+FACTORY = "transformer_lens.factories.architecture_adapter_factory"
+
+
+def entry_point_installed() -> bool:
+    """Whether installed package metadata declares the adapter for TL (a ``pip install``)."""
+    return any(
+        ep.name == ARCHITECTURE and ep.value == ENTRY_POINT_VALUE
+        for ep in entry_points(group=ENTRY_POINT_GROUP)
+    )
+
+
+class DeferredAdapter:
+    """Stands for :class:`attnres_lens.tl_bridge.AttnResArchitectureAdapter` until TL builds an
+    adapter: calling it imports the bridge (by then every import has finished) and returns one."""
+
+    def __new__(cls, cfg: Any) -> Any:
+        from .tl_bridge import AttnResArchitectureAdapter
+
+        return AttnResArchitectureAdapter(cfg)
+
+
+def register_architecture(adapter: Any = DeferredAdapter) -> None:
+    """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints (idempotent): add the
+    name to ``SUPPORTED_ARCHITECTURES``, and register ``adapter`` when no entry point is
+    installed (a source checkout; with one, TL loads the adapter from it and would warn that a
+    registered one overrides a native adapter)."""
+    factory = importlib.import_module(FACTORY)
+    if factory.SUPPORTED_ARCHITECTURES.get(ARCHITECTURE) in (None, DeferredAdapter):
+        factory.SUPPORTED_ARCHITECTURES[ARCHITECTURE] = adapter
+    if not entry_point_installed():
+        factory.ArchitectureAdapterFactory.register_adapter(ARCHITECTURE, adapter)
+
+
+def register_with_transformers() -> None:
+    importlib.import_module("attnres_lens.hf")
+
+
+#: library module -> what registers this package with it
+REGISTRARS: dict[str, Callable[[], None]] = {
+    "transformers": register_with_transformers,
+    FACTORY: register_architecture,
 }
 
 
 def register_now(target: str) -> None:
-    """Import the registrar of ``target``; a failure is warned, never raised, so that it cannot
+    """Run the registration for ``target``; a failure is warned, never raised, so that it cannot
     break the import of the library itself."""
     try:
-        importlib.import_module(REGISTRARS[target])
+        REGISTRARS[target]()
     except Exception as err:  # noqa: BLE001 (reported, and the library stays importable)
         warnings.warn(
-            f"attnres_lens could not register qwen3_attnres with {target} ({err!r}); import "
-            f"{REGISTRARS[target]} to see the error",
+            f"attnres_lens could not register qwen3_attnres with {target} ({err!r})",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -19,8 +19,9 @@ same tensors:
   ``hook_out_is_single_residual_stream = False`` and carry no resid hooks, as TL's DeepSeek-V4
   adapter does, so TL's stream tools (logit lens, ``accumulated_resid``) refuse them.
 
-Registration. Importing this module registers the Hugging Face classes with ``transformers``'
-Auto classes and makes the architecture name known to TL. The adapter itself is declared under
+Registration. ``import attnres_lens`` registers the Hugging Face classes with ``transformers``'
+Auto classes and makes the architecture name known to TL as soon as each is imported (see
+:mod:`attnres_lens.autoregister`); importing this module does both at once. The adapter itself is declared under
 the entry-point group ``transformer_lens.architectures``, which TL reads when it picks an adapter;
 where the package runs without installed metadata (a source checkout), the same class is
 registered with ``ArchitectureAdapterFactory.register_adapter`` instead. Both steps are needed on
@@ -32,12 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from importlib.metadata import entry_points
 from typing import Any, Optional
 
-ARCHITECTURE = "Qwen3AttnResForCausalLM"
-ENTRY_POINT_GROUP = "transformer_lens.architectures"
-ENTRY_POINT_VALUE = "attnres_lens.tl_bridge:AttnResArchitectureAdapter"
+from .autoregister import (  # noqa: F401 (ENTRY_POINT_* and entry_point_installed are public here too)
+    ARCHITECTURE,
+    ENTRY_POINT_GROUP,
+    ENTRY_POINT_VALUE,
+    entry_point_installed,
+    register_architecture,
+)
 
 #: Why the bridge is unavailable in this environment (``None`` when it is available).
 UNAVAILABLE_REASON: Optional[str] = (
@@ -49,7 +53,6 @@ UNAVAILABLE_REASON: Optional[str] = (
 if UNAVAILABLE_REASON is None:
     import torch
     from torch import nn
-    from transformer_lens.factories import architecture_adapter_factory
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
@@ -258,27 +261,11 @@ if UNAVAILABLE_REASON is None:
         )
 
 
-def entry_point_installed() -> bool:
-    """Whether installed package metadata declares this adapter for TL (a ``pip install``)."""
-    return any(
-        ep.name == ARCHITECTURE and ep.value == ENTRY_POINT_VALUE
-        for ep in entry_points(group=ENTRY_POINT_GROUP)
-    )
-
-
 def register() -> None:
-    """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints (idempotent).
-
-    TL checks the architecture name against ``SUPPORTED_ARCHITECTURES`` before it discovers
-    entry points, so the name is added there. The adapter comes from the entry point when the
-    package is installed; otherwise it is registered here."""
-    if UNAVAILABLE_REASON is not None:
-        return
-    architecture_adapter_factory.SUPPORTED_ARCHITECTURES.setdefault(ARCHITECTURE, AttnResArchitectureAdapter)
-    if not entry_point_installed():
-        architecture_adapter_factory.ArchitectureAdapterFactory.register_adapter(
-            ARCHITECTURE, AttnResArchitectureAdapter
-        )
+    """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints with this module's adapter
+    (idempotent; see :func:`attnres_lens.autoregister.register_architecture`)."""
+    if UNAVAILABLE_REASON is None:
+        register_architecture(AttnResArchitectureAdapter)
 
 
 register()
