@@ -45,3 +45,23 @@ def model(request):
 def kimi():
     """The kimi member of ``model``."""
     return tiny_attnres("kimi")
+
+
+# ============================================================================ plot fixtures
+@pytest.fixture(scope="module")
+def cumulative():
+    """A 3-layer cumulative model, one layer per block, for the plot tests."""
+    return tiny_attnres("cumulative", "block", n_layers=3, n_blocks=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def report(cumulative):
+    """``mass_vs_effect`` of ``cumulative`` on 12 random prompts, with gradients."""
+    import warnings
+
+    from attnres_lens import mass_vs_effect
+
+    tokens = torch.randint(1, 250, (12, 8), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mass_vs_effect(cumulative, tokens, n_boot=40, gradient=True)

@@ -7,31 +7,16 @@ from __future__ import annotations
 import io
 import pickle
 import re
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from attnres_lens import mass_vs_effect, plot_token_routing
+from attnres_lens import plot_token_routing
 
-from reference import tiny_attnres
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def cumulative():
-    return tiny_attnres("cumulative", "block", n_layers=3, n_blocks=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def report(cumulative):
-    tokens = torch.randint(1, 250, (12, 8), generator=torch.Generator().manual_seed(2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mass_vs_effect(cumulative, tokens, n_boot=40, gradient=True)
 
 
 def _figures(report, model):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import numpy as np
 import pytest
@@ -15,28 +14,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-from attnres_lens import mass_vs_effect, plot_token_routing, viz
+from attnres_lens import plot_token_routing, viz
 from attnres_lens.attribution.plot_marks import POINT_ALPHA, coincident_clusters
 from attnres_lens.attribution.plots import MIN_TOKEN_FONTSIZE
 from attnres_lens.attribution.thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 from attnres_lens.viz.tokens import tick_token
 
-from reference import tiny_attnres
-
 POINT = ["mass", "mass_low", "mass_high", "effect", "effect_low", "effect_high"]
-
-
-@pytest.fixture(scope="module")
-def cumulative():
-    return tiny_attnres("cumulative", "block", n_layers=3, n_blocks=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def report(cumulative):
-    tokens = torch.randint(1, 250, (12, 8), generator=torch.Generator().manual_seed(2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mass_vs_effect(cumulative, tokens, n_boot=40, gradient=True)
 
 
 def _with_rows(report, rows: dict[int, dict]):
