@@ -26,8 +26,8 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Callable, Optional
 
-#: The architecture name both public AttnRes codebases write into ``config.json``.
-ARCHITECTURE = "Qwen3AttnResForCausalLM"
+from .names import HF_ARCHITECTURE as ARCHITECTURE
+
 #: The entry point this package declares for TransformerLens (``pyproject.toml``).
 ENTRY_POINT_GROUP = "transformer_lens.architectures"
 ENTRY_POINT_VALUE = "attnres_lens.tl_bridge:AttnResArchitectureAdapter"
@@ -52,16 +52,15 @@ class DeferredAdapter:
         return AttnResArchitectureAdapter(cfg)
 
 
-def register_architecture(adapter: Any = DeferredAdapter) -> None:
+def register_architecture() -> None:
     """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints (idempotent): add the
-    name to ``SUPPORTED_ARCHITECTURES``, and register ``adapter`` when no entry point is
+    name to ``SUPPORTED_ARCHITECTURES``, and register the adapter when no entry point is
     installed (a source checkout; with one, TL loads the adapter from it and would warn that a
     registered one overrides a native adapter)."""
     factory = importlib.import_module(FACTORY)
-    if factory.SUPPORTED_ARCHITECTURES.get(ARCHITECTURE) in (None, DeferredAdapter):
-        factory.SUPPORTED_ARCHITECTURES[ARCHITECTURE] = adapter
+    factory.SUPPORTED_ARCHITECTURES.setdefault(ARCHITECTURE, DeferredAdapter)
     if not entry_point_installed():
-        factory.ArchitectureAdapterFactory.register_adapter(ARCHITECTURE, adapter)
+        factory.ArchitectureAdapterFactory.register_adapter(ARCHITECTURE, DeferredAdapter)
 
 
 def register_with_transformers() -> None:

@@ -12,6 +12,8 @@ ROUTER_HOOKS: tuple[str, ...] = ("sources", "logits", "weights", "out")
 GROUPINGS: tuple[str, ...] = ("slice", "family", "family_band")
 #: What an intervention acts on (see ``interventions``).
 TARGETS: tuple[str, ...] = ("weight", "source", "contribution")
+#: The architecture name both public AttnRes codebases write into ``config.json``.
+HF_ARCHITECTURE = "Qwen3AttnResForCausalLM"
 #: The ``config.json`` key under which a checkpoint saved by this library keeps its metadata.
 LIBRARY_KEY = "attnres_lens"
 

@@ -21,7 +21,8 @@ same tensors:
 
 Registration. ``import attnres_lens`` registers the Hugging Face classes with ``transformers``'
 Auto classes and makes the architecture name known to TL as soon as each is imported (see
-:mod:`attnres_lens.autoregister`); importing this module does both at once. The adapter itself is declared under
+:mod:`attnres_lens.autoregister`, which also hands TL this module's adapter when no entry point
+is installed). The adapter itself is declared under
 the entry-point group ``transformer_lens.architectures``, which TL reads when it picks an adapter;
 where the package runs without installed metadata (a source checkout), the same class is
 registered with ``ArchitectureAdapterFactory.register_adapter`` instead. Both steps are needed on
@@ -35,13 +36,7 @@ import dataclasses
 import importlib.util
 from typing import Any, Optional
 
-from .autoregister import (  # noqa: F401 (ENTRY_POINT_* and entry_point_installed are public here too)
-    ARCHITECTURE,
-    ENTRY_POINT_GROUP,
-    ENTRY_POINT_VALUE,
-    entry_point_installed,
-    register_architecture,
-)
+from .names import HF_ARCHITECTURE as ARCHITECTURE
 
 #: Why the bridge is unavailable in this environment (``None`` when it is available).
 UNAVAILABLE_REASON: Optional[str] = (
@@ -259,13 +254,3 @@ if UNAVAILABLE_REASON is None:
         return TransformerBridge.boot_transformers(
             ARCHITECTURE, hf_model=hf_model, tokenizer=tokenizer, **boot_kwargs
         )
-
-
-def register() -> None:
-    """Make ``boot_transformers`` accept ``qwen3_attnres`` checkpoints with this module's adapter
-    (idempotent; see :func:`attnres_lens.autoregister.register_architecture`)."""
-    if UNAVAILABLE_REASON is None:
-        register_architecture(AttnResArchitectureAdapter)
-
-
-register()

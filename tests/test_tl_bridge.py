@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnres_lens import HookedAttnResTransformer, tl_bridge
+from attnres_lens import HookedAttnResTransformer, autoregister, tl_bridge
 from attnres_lens.compat import PATCHING_HAS_REDUCE, patching
 from attnres_lens.tokenizer import ByteTokenizer, hf_byte_tokenizer
 from reference import tiny_attnres
@@ -221,18 +221,18 @@ def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
     import tomllib
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
-    assert declared[tl_bridge.ENTRY_POINT_GROUP] == {tl_bridge.ARCHITECTURE: tl_bridge.ENTRY_POINT_VALUE}
+    assert declared[autoregister.ENTRY_POINT_GROUP] == {autoregister.ARCHITECTURE: autoregister.ENTRY_POINT_VALUE}
     checkpoint = tmp_path / "ckpt"
     tiny_attnres("cumulative").save_pretrained(checkpoint)
     hf_byte_tokenizer().save_pretrained(checkpoint)  # boot_transformers reads it from the directory
     path = [str(ROOT)]
-    if not tl_bridge.entry_point_installed():
+    if not autoregister.entry_point_installed():
         site = tmp_path / "site"
         dist = site / "attnres_lens_entry_point_probe-0.dist-info"
         dist.mkdir(parents=True)
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: attnres-lens-entry-point-probe\nVersion: 0\n")
         (dist / "entry_points.txt").write_text(
-            f"[{tl_bridge.ENTRY_POINT_GROUP}]\n{tl_bridge.ARCHITECTURE} = {tl_bridge.ENTRY_POINT_VALUE}\n"
+            f"[{autoregister.ENTRY_POINT_GROUP}]\n{autoregister.ARCHITECTURE} = {autoregister.ENTRY_POINT_VALUE}\n"
         )
         path.insert(0, str(site))
     script = textwrap.dedent(f"""
@@ -246,9 +246,9 @@ def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
         assert autoregister.entry_point_installed()
         # registered on TL's import, without importing the bridge (TL 3 imports the factory while
         # transformer_lens itself is still being imported)
-        assert SUPPORTED_ARCHITECTURES[{tl_bridge.ARCHITECTURE!r}] is autoregister.DeferredAdapter
+        assert SUPPORTED_ARCHITECTURES[{autoregister.ARCHITECTURE!r}] is autoregister.DeferredAdapter
         assert "attnres_lens.tl_bridge" not in sys.modules
-        assert {tl_bridge.ARCHITECTURE!r} not in ArchitectureAdapterFactory._adapters  # nothing registered by hand
+        assert {autoregister.ARCHITECTURE!r} not in ArchitectureAdapterFactory._adapters  # nothing registered by hand
         bridge = TransformerBridge.boot_transformers({str(checkpoint)!r}, device="cpu")
         import attnres_lens.tl_bridge as tl_bridge  # loaded by TL from the entry point
         assert type(bridge.adapter) is tl_bridge.AttnResArchitectureAdapter
@@ -263,18 +263,14 @@ def test_the_entry_point_selects_the_adapter_when_the_name_is_known(tmp_path):
 def test_installing_the_registration_again_registers_at_once_with_what_is_imported():
     import transformer_lens.factories.architecture_adapter_factory as factory
 
-    from attnres_lens import autoregister
-
     autoregister.install()  # both libraries are imported in this process: nothing left waiting
     assert not [f for f in sys.meta_path if isinstance(f, autoregister.AfterImport)]
-    assert tl_bridge.ARCHITECTURE in factory.SUPPORTED_ARCHITECTURES
+    assert autoregister.ARCHITECTURE in factory.SUPPORTED_ARCHITECTURES
     from transformers import AutoConfig
 
     assert type(AutoConfig.for_model("qwen3_attnres")).__name__ == "Qwen3AttnResConfig"
 
 
 def test_the_deferred_adapter_registered_on_tls_import_builds_ours(pair):
-    from attnres_lens import autoregister
-
     bridge, _ = pair
     assert type(autoregister.DeferredAdapter(bridge.adapter.cfg)) is tl_bridge.AttnResArchitectureAdapter
