@@ -204,7 +204,14 @@ class Qwen3AttnResForCausalLM(PreTrainedModel, GenerationMixin):
         from .loading import key_map
 
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        return {key: params[ours] for key, ours in key_map(self.model.cfg, with_routers=True).items()}
+        keys = key_map(self.model.cfg, with_routers=True)
+        if not set(keys.values()) <= set(params):
+            raise RuntimeError(
+                "this model's modules are wrapped by a TransformerLens TransformerBridge, which "
+                "renames their parameters; take attnres_lens.tl_bridge.attnres_model(bridge) (the "
+                "same tensors under the library's names) and save or copy that"
+            )
+        return {key: params[ours] for key, ours in keys.items()}
 
     # ---------------------------------------------------------------------- forward
     def forward(

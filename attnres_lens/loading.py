@@ -830,10 +830,17 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     config = hf_config_dict(model)  # validates before anything is written
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     ours_to_hf = {ours: hf for hf, ours in key_map(model.cfg, with_routers=True).items()}
     params = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(ours_to_hf) - set(params))
+    if missing:
+        raise RuntimeError(
+            f"the model's parameters are not under the library's names (missing {_preview(missing)}): "
+            "its modules were wrapped, e.g. by a TransformerLens TransformerBridge; save "
+            "attnres_lens.tl_bridge.attnres_model(bridge) instead"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors = {hf: params[ours].detach().contiguous() for ours, hf in ours_to_hf.items()}
 
     for stale in (SAFE_WEIGHTS, SAFE_INDEX):

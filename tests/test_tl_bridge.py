@@ -207,6 +207,11 @@ def test_our_tools_run_on_the_bridges_weights_as_on_a_fresh_load(pair, tmp_path)
     assert set(cache.keys()) == set(fresh_cache.keys())  # the library's hook names, both flavours
     model.save_pretrained(tmp_path / "saved")  # the library's parameter names
     assert torch.equal(HookedAttnResTransformer.from_pretrained(tmp_path / "saved")(tokens), fresh(tokens))
+    with pytest.raises(RuntimeError, match="attnres_model"):  # the wrapped modules are not ours to save
+        HookedAttnResTransformer.from_pretrained(bridge.original_model)
+    with pytest.raises(RuntimeError, match="attnres_model"):
+        bridge.original_model.save_pretrained(tmp_path / "wrapped")
+    assert not (tmp_path / "wrapped").exists()  # refused before anything is written
     fired = []
     bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn_router.hook_weights", lambda t, hook: fired.append(1))])
     model(tokens)
