@@ -125,6 +125,18 @@ def plot_effect_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
     return fig
 
 
+def _error_bars(part: Any, column: str, colour: str) -> dict:
+    """Plotly's asymmetric error bars from a table's ``column`` and its ``_low``/``_high`` interval."""
+    return dict(
+        type="data",
+        symmetric=False,
+        array=(part[f"{column}_high"] - part[column]).clip(lower=0),
+        arrayminus=(part[column] - part[f"{column}_low"]).clip(lower=0),
+        thickness=0.8,
+        color=colour,
+    )
+
+
 def plot_mass_effect_scatter(report: Any, *, title: Union[str, None] = None) -> Any:
     """Mass (x) against effect (y), one point per table row with both bootstrap CIs as error
     bars; colour = family, symbol = sublayer, hollow = single-source router (not eligible)."""
@@ -157,22 +169,8 @@ def plot_mass_effect_scatter(report: Any, *, title: Union[str, None] = None) -> 
                     symbol=SUBLAYER_SYMBOLS.get(sublayer, "circle"),
                     size=9,
                 ),
-                error_x=dict(
-                    type="data",
-                    symmetric=False,
-                    array=(part["mass_high"] - part["mass"]).clip(lower=0),
-                    arrayminus=(part["mass"] - part["mass_low"]).clip(lower=0),
-                    thickness=0.8,
-                    color=colour,
-                ),
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=(part["effect_high"] - part["effect"]).clip(lower=0),
-                    arrayminus=(part["effect"] - part["effect_low"]).clip(lower=0),
-                    thickness=0.8,
-                    color=colour,
-                ),
+                error_x=_error_bars(part, "mass", colour),
+                error_y=_error_bars(part, "effect", colour),
             )
         )
     threshold = float(s.get("effect_threshold", 0.0))
