@@ -76,6 +76,7 @@ from .outputs import check_output_dir, honour_umask
 from .resources import available_memory_bytes, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
+from .router import router_parameters
 from .tokenizer import ByteTokenizer
 
 # The run's configuration is a pure value, importable without torch (the CLI reads it).
@@ -410,16 +411,13 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, autocast: Calla
 
 
 # ============================================================================ optimisation
-def _is_router_param(name: str) -> bool:
-    return "_router." in name or name.startswith("final_router.")
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    routers = {id(p) for p in router_parameters(model)}
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not _is_router_param(name) else no_decay).append(p)
+        (decay if p.ndim >= 2 and id(p) not in routers else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -55,10 +55,13 @@ def as_batches(model: "HookedAttnResTransformer", data: Any) -> list[Tensor]:
 
 
 def capture_weights_hooks(model: "HookedAttnResTransformer", store: dict) -> list[tuple[str, Callable]]:
-    def hook(tensor: Tensor, hook: Any) -> None:
-        store[hook.name.rsplit(".hook_weights", 1)[0]] = tensor
+    def keep(name: str) -> Callable:
+        def hook(tensor: Tensor, hook: Any) -> None:
+            store[name] = tensor
 
-    return [(f"{spec.name}.hook_weights", hook) for spec in model.router_specs]
+        return hook
+
+    return [(spec.id.hook("weights"), keep(spec.name)) for spec in model.router_specs]
 
 
 def split_batch(batch: Tensor, batch_size: Optional[int]) -> list[Tensor]:

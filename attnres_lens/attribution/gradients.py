@@ -41,10 +41,13 @@ def gradient_pass(
     logit_store: dict[str, Tensor] = {}
     hooks = capture_weights_hooks(model, store)
 
-    def keep_logits(tensor: Tensor, hook: Any) -> None:
-        logit_store[hook.name.rsplit(".hook_logits", 1)[0]] = tensor.detach()
+    def keep_logits(name: str) -> Callable:
+        def hook(tensor: Tensor, hook: Any) -> None:
+            logit_store[name] = tensor.detach()
 
-    hooks += [(f"{spec.name}.hook_logits", keep_logits) for spec in model.router_specs]
+        return hook
+
+    hooks += [(spec.id.hook("logits"), keep_logits(spec.name)) for spec in model.router_specs]
 
     def make_leaf(tensor: Tensor, hook: Any) -> Tensor:
         # A fresh leaf at the embedding: the graph exists whatever the parameters'

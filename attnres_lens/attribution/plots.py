@@ -428,17 +428,7 @@ def routers_to_plot(model: "HookedAttnResTransformer", router: Any) -> list[str]
     if isinstance(router, str) and router == "all":
         return names
     items = router if isinstance(router, list) else [router]
-    out = []
-    for item in items:
-        if isinstance(item, str) and item in names:
-            out.append(item)
-        elif item == "final" and model.final_router is not None:
-            out.append("final_router")
-        elif isinstance(item, tuple) and len(item) == 2 and f"blocks.{item[0]}.{item[1]}_router" in names:
-            out.append(f"blocks.{item[0]}.{item[1]}_router")
-        else:
-            raise ValueError(f"unknown router {item!r}; routers are {names} (or (layer, 'attn'|'mlp'), 'final', 'all')")
-    return out
+    return [model.router_id(item).name for item in items]
 
 
 __all__ = [

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..interventions import Intervention, Slice, to_hooks
 from ..metrics import next_token_loss, next_token_nll
-from ..names import TARGETS
+from ..names import TARGETS, RouterId
 from .grid import router_label
 from .tokens import display_token, one_prompt
 
@@ -140,10 +140,13 @@ class ExplorerSession:
 
     @staticmethod
     def _capture_hooks(store: dict, routers: list[str]) -> list[tuple[str, Any]]:
-        def capture(tensor: Tensor, hook: Any) -> None:
-            store[hook.name.rsplit(".", 1)[0]] = tensor.detach()
+        def capture(name: str) -> Any:
+            def hook(tensor: Tensor, hook: Any) -> None:
+                store[name] = tensor.detach()
 
-        return [(f"{name}.hook_weights", capture) for name in routers]
+            return hook
+
+        return [(RouterId.parse(name).hook("weights"), capture(name)) for name in routers]
 
     # ------------------------------------------------------------------ choices
     @property

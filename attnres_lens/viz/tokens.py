@@ -78,16 +78,9 @@ def token_axis_title(n_shown: int, n_tokens: int, step: int) -> str:
 def resolve_router(model: Any, router: Any) -> str:
     """A router hook prefix from a name, ``(layer, "attn"|"mlp")``, ``"final"``, or ``None``
     (the last router in forward order)."""
-    names = [spec.name for spec in model.router_specs]
     if router is None:
-        return names[-1]
-    if isinstance(router, str) and router in names:
-        return router
-    if router == "final" and "final_router" in names:
-        return "final_router"
-    if isinstance(router, tuple) and len(router) == 2 and f"blocks.{router[0]}.{router[1]}_router" in names:
-        return f"blocks.{router[0]}.{router[1]}_router"
-    raise ValueError(f"unknown router {router!r}; routers are {names} (or (layer, 'attn'|'mlp'), 'final')")
+        return model.router_specs[-1].name
+    return model.router_id(router).name
 
 
 def one_prompt(model: Any, text_or_tokens: Any) -> Tensor:
