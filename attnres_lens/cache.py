@@ -33,37 +33,16 @@ from torch import Tensor
 
 from .compat import ActivationCache, Slice
 from .config import AttnResConfig
-from .router import closes_block_before, snapshot_after
+from .names import RouterId
+from .scheme import EMBEDDING
 
-EMBEDDING = -1  # the component id of the embedding; sublayer k has id k
 
 
 def source_members(cfg: AttnResConfig) -> dict[str, list[frozenset[int]]]:
     """For every router (by hook prefix), the components each of its sources sums: the
-    embedding (``-1``) and sublayer outputs ``k`` (``attn_l = 2l``, ``mlp_l = 2l + 1``).
-
-    This replays the spec's state machine on sets of component ids (the model's forward does
-    the same steps on tensors, with the same predicates)."""
-    names = [f"blocks.{k // 2}.{'attn' if k % 2 == 0 else 'mlp'}_router" for k in range(cfg.n_sublayers)]
-    members: dict[str, list[frozenset[int]]] = {}
-    if cfg.flavour == "kimi":
-        completed: list[frozenset[int]] = []
-        current: Optional[frozenset[int]] = frozenset({EMBEDDING})
-        for k in range(cfg.n_sublayers + 1):
-            if closes_block_before(cfg, k) and current is not None:
-                completed, current = completed + [current], None
-            name = names[k] if k < cfg.n_sublayers else "final_router"
-            members[name] = completed + ([current] if current is not None else [])
-            current = (current or frozenset()) | {k}
-        return members
-    completed = [frozenset({EMBEDDING})]
-    stream = frozenset({EMBEDDING})
-    for k in range(cfg.n_sublayers):
-        members[names[k]] = completed + [stream]
-        stream = stream | {k}
-        if snapshot_after(cfg, k):
-            completed = completed + [stream]
-    return members
+    embedding (``-1``) and sublayer outputs ``k`` (``attn_l = 2l``, ``mlp_l = 2l + 1``), as the
+    routing scheme states them (:attr:`~attnres_lens.router.DepthSource.members`)."""
+    return {spec.name: [source.members for source in spec.sources] for spec in cfg.scheme.layout()}
 
 
 class AttnResActivationCache(ActivationCache):
@@ -87,7 +66,7 @@ class AttnResActivationCache(ActivationCache):
 
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:
-        return self.model.cfg.flavour == "kimi"
+        return not self.model.scheme.has_residual_stream
 
     def _reading_router(self, layer: Optional[int], mlp_input: bool) -> tuple[int, str, int]:
         """``(layer, router name, step)`` of the router whose output the residual at
@@ -99,8 +78,8 @@ class AttnResActivationCache(ActivationCache):
         if layer == n:
             if mlp_input:
                 raise ValueError("mlp_input=True needs layer < n_layers (layer n_layers is the unembedding)")
-            return layer, "final_router", 2 * n
-        return layer, f"blocks.{layer}.{'mlp' if mlp_input else 'attn'}_router", 2 * layer + int(mlp_input)
+            return layer, RouterId(None, "final").name, 2 * n
+        return layer, RouterId(layer, "mlp" if mlp_input else "attn").name, 2 * layer + int(mlp_input)
 
     def _cached(self, key: str, why: str) -> Tensor:
         if key not in self.cache_dict:
@@ -110,13 +89,11 @@ class AttnResActivationCache(ActivationCache):
     def component_masses(self, router_name: str) -> dict[int, Tensor]:
         """For each component (``-1`` = embedding, ``k`` = sublayer ``k``) that ``router_name``
         reads, the total mass ``[batch, pos]`` the router puts on the sources containing it."""
-        members = source_members(self.model.cfg)
-        if router_name not in members:
-            raise KeyError(f"no router named {router_name!r}; routers are {list(members)}")
-        weights = self._cached(f"{router_name}.hook_weights", "a routing-aware decomposition")
+        spec = self.model.router_spec(router_name)
+        weights = self._cached(spec.id.hook("weights"), "a routing-aware decomposition")
         masses: dict[int, Tensor] = {}
-        for index, components in enumerate(members[router_name]):
-            for component in components:
+        for index, source in enumerate(spec.sources):
+            for component in source.members:
                 mass = weights[..., index]
                 masses[component] = masses[component] + mass if component in masses else mass
         return masses

@@ -115,7 +115,7 @@ def _add_wrap_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load_source(args: argparse.Namespace) -> Any:
-    from .loading import load_tokenizer_dir
+    from .loading import WRAP_SCHEDULES, load_tokenizer_dir
     from .model import HookedAttnResTransformer
 
     source = args.source
@@ -130,8 +130,9 @@ def _load_source(args: argparse.Namespace) -> Any:
             f"{source} is a vanilla qwen3 checkpoint: it must be wrapped to have routers; pass "
             "--flavour kimi (uniform schedule) or --flavour cumulative --recency-bias B"
         )
+    wrap_schedule = WRAP_SCHEDULES.get(args.flavour, (None,))[0]  # the flavour's own wrap
     if (
-        args.flavour == "cumulative"
+        wrap_schedule == "recency"
         and args.recency_bias is None
         and _is_vanilla_qwen3(source)
     ):
@@ -293,8 +294,9 @@ def describe(model: Any) -> dict[str, Any]:
             }
         )
     from .loading import tokenizer_name
+    from .router import router_parameters
 
-    n_router = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
+    n_router = sum(p.numel() for p in router_parameters(model))
 
     return {
         "format": getattr(model, "checkpoint_format", "unknown"),

@@ -15,9 +15,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from .compat import TransformerLensConfig
+from .scheme import FLAVOURS, ROUTING_MODES, RoutingScheme, scheme_class
 
-FLAVOURS = ("kimi", "cumulative")
-ROUTING_MODES = ("block", "full")
 Flavour = Literal["kimi", "cumulative"]
 RoutingMode = Literal["block", "full"]
 
@@ -110,9 +109,10 @@ class AttnResConfig(TransformerLensConfig):
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
         if self.routing_mode not in ROUTING_MODES:
             raise ValueError(f"routing_mode must be one of {ROUTING_MODES}, got {self.routing_mode!r}")
+        layout = scheme_class(self.flavour, self.routing_mode)
         self._resolve_blocks()
         if self.router_bias is None:
-            self.router_bias = self.flavour == "cumulative"
+            self.router_bias = layout.default_router_bias
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype)
 
@@ -158,8 +158,13 @@ class AttnResConfig(TransformerLensConfig):
         return 2 * self.n_layers
 
     @property
+    def scheme(self) -> RoutingScheme:
+        """The routing layout of this config (:mod:`attnres_lens.scheme`)."""
+        return scheme_class(self.flavour, self.routing_mode)(self.n_layers, self.layers_per_block)
+
+    @property
     def has_final_router(self) -> bool:
-        return self.flavour == "kimi"
+        return self.scheme.has_final_router
 
     def block_of_layer(self, layer: int) -> int:
         return layer // self.layers_per_block

@@ -25,15 +25,19 @@ from .model import DepthState, HookedAttnResTransformer
 def clean_states(model: HookedAttnResTransformer, clean_cache: ActivationCache) -> list[DepthState]:
     """The state before every sublayer ``k`` (and, last, before the readout), rebuilt from the
     cached ``hook_sources`` of the router that reads it: a router at step ``k`` reads exactly
-    the state's sources, the last one being the in-progress source."""
+    the state's sources. Before every step the state has a current source (the embedding, or
+    what the previous sublayer accumulated): it is the router's last source, either still
+    current or just closed by the step's program (``StepProgram.close_block``), which
+    ``model.step`` redoes. Without a final router the readout reads the current source alone
+    (the stream after the last MLP)."""
     states = []
     for spec in model.router_specs:
-        key = f"{spec.name}.hook_sources"
+        key = spec.id.hook("sources")
         if key not in clean_cache.cache_dict:
             raise KeyError(f"clean_cache must hold {key!r} (cache the routers' hook_sources)")
         sources = clean_cache[key].unbind(dim=2)
         states.append(DepthState(tuple(sources[:-1]), sources[-1]))
-    if model.final_router is None:  # cumulative: the readout reads the stream after the last MLP
+    if not model.scheme.has_final_router:
         last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         states.append(DepthState((), clean_cache[last]))
     return states
@@ -45,7 +49,7 @@ def _corrupted_states(model: HookedAttnResTransformer, tokens: Tensor) -> list[D
     for k in range(model.cfg.n_sublayers):
         state = model.step(k, state)
         states.append(state)
-    if model.final_router is None:  # the readout reads the stream alone
+    if not model.scheme.has_final_router:  # the readout reads the current source alone
         states[-1] = DepthState((), state.current)
     return states
 

@@ -96,9 +96,8 @@ def key_map(cfg: AttnResConfig, *, with_routers: bool) -> dict[str, str]:
                 if hf.endswith("_bias") and not cfg.router_bias:
                     continue
                 keys[f"model.layers.{layer}.{hf}"] = f"blocks.{layer}.{ours}"
-    if with_routers and cfg.has_final_router:
-        keys["model.final_res_proj.weight"] = "final_router.proj.weight"
-        keys["model.final_res_norm.weight"] = "final_router.norm.weight"
+    if with_routers:
+        keys.update(cfg.scheme.checkpoint_final_keys)
     return keys
 
 

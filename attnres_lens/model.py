@@ -34,7 +34,9 @@ from .components import (
 )
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
-from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
+from .names import ALIASED_HOOKS, RouterId
+from .router import DepthRouter, RouterSpec
+from .scheme import RoutingScheme
 from .selection import copies_of, duplicate_of
 from .sequence import is_right_padded, leading_pad_mask, padded_causal_mask, positions_from_mask
 from .tokenizer import ByteTokenizer
@@ -61,6 +63,12 @@ class DepthState:
     def sources(self) -> list[Tensor]:
         return list(self.completed) + ([self.current] if self.current is not None else [])
 
+    def closed(self) -> "DepthState":
+        """The state with its in-progress source stored as completed (a block closes)."""
+        if self.current is None:
+            return self
+        return DepthState(self.completed + (self.current,), None)
+
     def from_position(self, first: int) -> "DepthState":
         """The state of positions ``first ..`` only (every source sliced along positions).
 
@@ -82,10 +90,13 @@ class AttnResBlock(nn.Module):
     forward hooks and nnsight's ``blocks[l].output`` see a :class:`DepthState`.
 
     Hooks: ``hook_attn_in``/``hook_mlp_in`` (the routed input, before ``ln1``/``ln2``) and
-    ``hook_attn_out``/``hook_mlp_out`` (the sublayer outputs). Cumulative models also have
-    ``hook_resid_pre``/``hook_resid_mid``/``hook_resid_post``: the cumulative stream ``x``, which
-    in that flavour is a true additive residual (``resid_mid = resid_pre + attn_out``). Kimi
-    models have no such stream, so they expose no ``hook_resid_*``.
+    ``hook_attn_out``/``hook_mlp_out`` (the sublayer outputs). Layouts whose current source is
+    a true additive residual (``scheme.has_residual_stream``: cumulative) also have
+    ``hook_resid_pre``/``hook_resid_mid``/``hook_resid_post`` on it (``resid_mid = resid_pre +
+    attn_out``). Kimi models have no such stream, so they expose no ``hook_resid_*``.
+
+    :meth:`step` runs the scheme's :class:`~attnres_lens.scheme.StepProgram` for one sublayer on
+    tensors: close block, route + run the sublayer (:meth:`sublayer`), accumulate, snapshot.
     """
 
     #: TL 4's logit lens reads ``hook_resid_post`` of the last block as the stream ``ln_final``
@@ -96,17 +107,18 @@ class AttnResBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.attn_router = DepthRouter(cfg.d_model, cfg.eps, cfg.router_bias, cfg.recency_bias_init)
+        self.scheme = cfg.scheme
+        self.attn_router = new_router(cfg)
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
         self.attn = Attention(cfg)
-        self.mlp_router = DepthRouter(cfg.d_model, cfg.eps, cfg.router_bias, cfg.recency_bias_init)
+        self.mlp_router = new_router(cfg)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = GatedMLP(cfg)
         self.hook_attn_in = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_mlp_in = HookPoint()
         self.hook_mlp_out = HookPoint()
-        if cfg.flavour == "cumulative":
+        if self.scheme.has_residual_stream:
             self.hook_resid_pre = HookPoint()
             self.hook_resid_mid = HookPoint()
             self.hook_resid_post = HookPoint()
@@ -123,43 +135,39 @@ class AttnResBlock(nn.Module):
         return state
 
     def step(self, k: int, state: DepthState, seq: SequenceContext) -> DepthState:
-        """Sublayer ``k`` (``2 * layer`` or ``2 * layer + 1``): route, run, update the sources."""
-        cfg = self.cfg
+        """Sublayer ``k`` (``2 * layer`` or ``2 * layer + 1``): the scheme's program on tensors."""
+        program = self.scheme.program[k]
         is_attn = k % 2 == 0
-        if cfg.flavour == "kimi":
-            if closes_block_before(cfg, k):
-                state = DepthState(state.completed + (state.current,), None)
-            out = self._sublayer(is_attn, state.sources(), seq)
-            partial = out if state.current is None else state.current + out
-            return DepthState(state.completed, partial)
-        # cumulative: x is a true additive stream; the sublayer reads it through its router.
-        x = state.current
-        if is_attn:
-            x = self.hook_resid_pre(x)
-            # A snapshot taken just before (block start; the embedding at layer 0) is the same
-            # tensor as x: a hook that replaced x replaces it there too, so patching
-            # resid_pre[l] means what patching resid_post[l-1] means.
-            aliased = state.current
-            completed = tuple(x if source is aliased else source for source in state.completed)
-            state = DepthState(completed, x)
-        x = x + self._sublayer(is_attn, state.sources(), seq)
-        x = self.hook_resid_mid(x) if is_attn else self.hook_resid_post(x)
-        completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
-        return DepthState(completed, x)
+        if program.close_block:
+            state = state.closed()
+        if self.scheme.has_residual_stream and is_attn:
+            state = self._hooked_resid_pre(state)
+        out = self.sublayer(k, state.sources(), seq)
+        current = out if state.current is None else state.current + out  # accumulate
+        if self.scheme.has_residual_stream:
+            current = self.hook_resid_mid(current) if is_attn else self.hook_resid_post(current)
+        return DepthState(state.completed + ((current,) if program.snapshot else ()), current)
 
-    def _sublayer(self, is_attn: bool, sources: list[Tensor], seq: SequenceContext) -> Tensor:
-        if is_attn:
-            return self.attn_sublayer(sources, seq)
-        return self.mlp_sublayer(sources)
+    def _hooked_resid_pre(self, state: DepthState) -> DepthState:
+        """The stream through ``hook_resid_pre``. A snapshot taken just before (block start; the
+        embedding at layer 0) is the same tensor as the stream: a hook that replaced it replaces
+        it there too, so patching resid_pre[l] means what patching resid_post[l-1] means."""
+        x = self.hook_resid_pre(state.current)
+        return DepthState(tuple(x if source is state.current else source for source in state.completed), x)
 
-    def attn_sublayer(self, sources: list[Tensor], seq: SequenceContext) -> Tensor:
-        h = self.hook_attn_in(self.attn_router(sources))
-        kv = seq.kv_cache[self.layer] if seq.kv_cache is not None else None
-        return self.hook_attn_out(self.attn(self.ln1(h), seq.cos, seq.sin, seq.attn_mask, kv))
+    def sublayer(self, k: int, sources: list[Tensor], seq: SequenceContext) -> Tensor:
+        """Route ``sources`` into sublayer ``k`` of this layer and run it: its output ``o_k``."""
+        router = self.attn_router if k % 2 == 0 else self.mlp_router
+        return self.routed_sublayer(k, router(sources), seq)
 
-    def mlp_sublayer(self, sources: list[Tensor]) -> Tensor:
-        h = self.hook_mlp_in(self.mlp_router(sources))
-        return self.hook_mlp_out(self.mlp(self.ln2(h)))
+    def routed_sublayer(self, k: int, h: Tensor, seq: SequenceContext) -> Tensor:
+        """Sublayer ``k`` from its routed input ``h`` (what the router's ``hook_out`` holds):
+        ``hook_{attn,mlp}_in`` -> norm -> sublayer -> ``hook_{attn,mlp}_out``. The forward and
+        the estimators (which reroute under an intervention) both run sublayers through here."""
+        if k % 2 == 0:
+            kv = seq.kv_cache[self.layer] if seq.kv_cache is not None else None
+            return self.hook_attn_out(self.attn(self.ln1(self.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, kv))
+        return self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(h))))
 
 
 class HookedAttnResTransformer(TLWeights, HookedRootModule):
@@ -191,11 +199,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(AttnResBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.final_router = (
-            DepthRouter(cfg.d_model, cfg.eps, cfg.router_bias, cfg.recency_bias_init)
-            if cfg.has_final_router
-            else None
-        )
+        #: The routing layout (:mod:`attnres_lens.scheme`): the one place it is stated.
+        self.scheme: RoutingScheme = cfg.scheme
+        self.final_router = new_router(cfg) if self.scheme.has_final_router else None
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_word_embeddings:
@@ -206,7 +212,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         self.checkpoint_format = "fresh"
         self._rotary_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._sequence: Optional[SequenceContext] = None  # set while a forward runs
-        self._router_specs = source_layout(cfg)
+        self._router_specs = self.scheme.layout()
         if init_weights:
             self.init_weights()
         self.setup()
@@ -220,11 +226,10 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
     def setup(self) -> None:
         super().setup()
         self.hook_aliases: dict[str, str] = {}
-        for block in self.blocks:
-            for sub in ("attn", "mlp"):
-                for what in ("sources", "logits", "weights"):
-                    alias = f"blocks.{block.layer}.hook_{sub}_router_{what}"
-                    self.hook_aliases[alias] = f"blocks.{block.layer}.{sub}_router.hook_{what}"
+        for spec in self._router_specs:
+            if spec.sublayer != "final":
+                for what in ALIASED_HOOKS:
+                    self.hook_aliases[spec.id.alias(what)] = spec.id.hook(what)
         for alias, canonical in self.hook_aliases.items():
             self.mod_dict[alias] = self.mod_dict[canonical]
 
@@ -309,12 +314,20 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         """Every router with its sources, in forward order."""
         return list(self._router_specs)
 
-    def router(self, name: str) -> DepthRouter:
-        """The router module with hook prefix ``name`` (e.g. ``"blocks.2.mlp_router"``)."""
-        names = [spec.name for spec in self._router_specs]
-        if name not in names:
-            raise KeyError(f"no router named {name!r}; routers are {names}")
-        return self.get_submodule(name)
+    def router_id(self, router: Any) -> RouterId:
+        """The :class:`~attnres_lens.names.RouterId` of one of this model's routers, from any
+        form :meth:`RouterId.parse` accepts (``UnknownRouterError``, a ``KeyError``, otherwise)."""
+        return RouterId.parse(router, [spec.id for spec in self._router_specs])
+
+    def router_spec(self, router: Any) -> RouterSpec:
+        """The :class:`~attnres_lens.router.RouterSpec` (sources included) of ``router``, in any
+        form :meth:`router_id` accepts."""
+        rid = self.router_id(router)
+        return next(spec for spec in self._router_specs if spec.id == rid)
+
+    def router(self, name: Any) -> DepthRouter:
+        """The router module ``name`` (``"blocks.2.mlp_router"``, ``(2, "mlp")``, a hook name, ...)."""
+        return self.get_submodule(self.router_id(name).name)
 
     def routers(self) -> list[tuple[RouterSpec, DepthRouter]]:
         return [(spec, self.get_submodule(spec.name)) for spec in self._router_specs]
@@ -325,7 +338,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         the first source of the router holding the same tensor, from the layout; ``<NA>`` for a
         first holder) and ``n_copies`` (how many sources hold that tensor). Plots,
         interventions and reports name slices from this table."""
-        duplicates = duplicate_of(self._router_specs, self.cfg.flavour)
+        duplicates = duplicate_of(self._router_specs)
         rows = [
             {
                 "router": spec.name,
@@ -407,20 +420,19 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
     def initial_state(self, tokens: Int[Tensor, "batch pos"]) -> DepthState:
         """Embed ``tokens``: the state before the first sublayer."""
         emb = self.hook_embed(self.embed(tokens))
-        if self.cfg.flavour == "kimi":
-            return DepthState(completed=(), current=emb)
-        return DepthState(completed=(emb,), current=emb)
+        return DepthState(completed=(emb,) if self.scheme.snapshots_embedding else (), current=emb)
 
     def step(self, k: int, state: DepthState) -> DepthState:
         """Run sublayer ``k`` (``attn_{k//2}`` if ``k`` is even, else ``mlp_{k//2}``)."""
         return self.blocks[k // 2](state, self._context_for(state), (SUBLAYER_NAMES[k % 2],))
 
     def final_input(self, state: DepthState) -> Tensor:
-        """What the final norm reads: the final router's output (kimi) or the stream (cumulative)."""
-        if self.final_router is None:
+        """What the final norm reads: the final router's output (kimi) or the stream (cumulative):
+        the last step of the scheme's program (close block, route), or the current source."""
+        if not self.scheme.has_final_router:
             return state.current
-        if closes_block_before(self.cfg, self.cfg.n_sublayers):
-            state = DepthState(state.completed + (state.current,), None)
+        if self.scheme.program[-1].close_block:
+            state = state.closed()
         return self.final_router(state.sources())
 
     def readout(self, state: DepthState) -> Float[Tensor, "batch pos d_vocab"]:
@@ -490,7 +502,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         (TransformerLens' meaning). Kimi: the sum of all sources, i.e. embedding plus every
         sublayer output so far: the stream a vanilla residual model would hold (no router
         reads it; a zero-query router reads it divided by the number of sources)."""
-        if self.cfg.flavour == "cumulative":
+        if self.scheme.has_residual_stream:
             return state.current
         return torch.stack(state.sources(), dim=0).sum(dim=0)
 
@@ -890,6 +902,11 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             f"n_layers={c.n_layers}, layers_per_block={c.layers_per_block}, d_model={c.d_model}, "
             f"schedule={self.schedule.kind!r}"
         )
+
+
+def new_router(cfg: AttnResConfig) -> DepthRouter:
+    """The router module of one routed read, of the class the layout asks for."""
+    return cfg.scheme.router_class(cfg.d_model, cfg.eps, cfg.router_bias, cfg.recency_bias_init)
 
 
 def _target_mask(attention_mask: Optional[Tensor], n_pos: int) -> Optional[Tensor]:

@@ -40,6 +40,7 @@ from .interventions.compile import compile_interventions
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
 from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, non_finite_prompts, per_prompt_kl, per_prompt_loss
 from .model import HookedAttnResTransformer
+from .router import RouterSpec
 from .selection import (
     IndexSelector,
     Slice,
@@ -227,7 +228,7 @@ def _batched_patch_runs(
     activations line up with the corrupted run (``[batch or 1, pos, ...]``); else the model."""
     what = "weights" if target == "weight" else "sources"
     specs = {spec.layer: spec for spec in model.router_specs if spec.sublayer == sublayer}
-    values = {layer: {f"{spec.name}.hook_{what}": cache[f"blocks.{layer}.hook_{sublayer}_router_{what}"]}
+    values = {layer: {spec.id.hook(what): cache[spec.id.alias(what)]}
               for layer, spec in specs.items()}
     batch, n_pos = tokens.shape
     if any(t.ndim < 2 or t.shape[0] not in (batch, 1) or t.shape[1] != n_pos
@@ -239,7 +240,7 @@ def _batched_patch_runs(
         spec = specs[layer]
         iv = Intervention(Slice(spec.name, source), "patch", target=target, value=values[layer], positions=pos)
         reruns.append(Rerun(tuple(int(i) for i in row), iv, spec.step, pos or 0))
-        hook_names.append(f"blocks.{layer}.hook_{sublayer}_router_{what}")
+        hook_names.append(spec.id.alias(what))
     return BatchedPatchRuns(model, tokens, reruns, hook_names, default_budget(model, tokens.numel()))
 
 
@@ -249,10 +250,12 @@ def _prepare_reference(
     mode: str,
     reference: Any,
     tokens: Tensor,
-    names: list[str],
+    reads: list[tuple[RouterSpec, str]],
     batch_size: int,
 ) -> Optional[dict[str, Tensor]]:
-    """The reference activations the sweep's interventions read, as ``{hook name: tensor}``."""
+    """The reference activations the sweep's interventions read (``reads``: (router, hook
+    part) pairs), as ``{hook name: tensor}``."""
+    names = [spec.id.hook(what) for spec, what in reads]
     if mode not in REPLACING_MODES:
         if reference is not None:
             raise ValueError(f"reference= is used by modes {REPLACING_MODES}, not by {mode!r}")
@@ -268,10 +271,8 @@ def _prepare_reference(
     if isinstance(reference, (ActivationCache, Mapping)):
         cache = cache_mapping(reference)
         out = {}
-        for name in names:
-            router, what = name.rsplit(".hook_", 1)
-            spec = model.router_specs[[s.name for s in model.router_specs].index(router)]
-            out[name] = lookup_router_tensor(cache, spec, what)
+        for spec, what in reads:
+            out[spec.id.hook(what)] = lookup_router_tensor(cache, spec, what)
         return out
     if not isinstance(reference, Tensor):
         raise TypeError(f"reference must be integer tokens or an ActivationCache, got {type(reference).__name__}")
@@ -536,7 +537,7 @@ def _reference_values(
     names = []
     if settings.mode in REPLACING_MODES:
         for spec in {spec.name: spec for unit in units for spec, _ in unit.touched}.values():
-            names += [f"{spec.name}.hook_{what}" for what in HOOKS_OF_TARGET[settings.target]]
+            names += [(spec, what) for what in HOOKS_OF_TARGET[settings.target]]
     values = _prepare_reference(model, settings.mode, reference, tokens, names, settings.batch_size)
     if settings.mode == "patch":
         n_prompts = tokens.shape[0]

@@ -15,23 +15,25 @@ Hook points, in the order they fire (editing one changes everything after it):
 - ``hook_weights`` ``[batch, pos, source]``: the routing mass ``alpha``.
 - ``hook_out`` ``[batch, pos, d_model]``: the mixed input of the sublayer.
 
-Besides :class:`DepthSource` (what one source is), this module also holds the source layout of
-both flavours: which sources each router reads. :func:`source_layout` walks the spec's
-state machine symbolically; the model's forward walks the same steps on tensors, using the
-same predicates :func:`closes_block_before` and :func:`snapshot_after`.
+Besides :class:`DepthSource` (what one source is) and :class:`RouterSpec` (a router and its
+sources), :func:`source_layout` gives which sources each router reads; the layout itself is
+stated once, in :mod:`attnres_lens.scheme`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from .compat import HookPoint
-from .config import AttnResConfig
+from .names import RouterId
+
+if TYPE_CHECKING:  # annotations only: the config imports the scheme, which imports this module
+    from .config import AttnResConfig
 
 Sublayer = Literal["attn", "mlp", "final"]
 Family = Literal["embedding", "current", "history"]
@@ -71,11 +73,26 @@ class DepthRouter(nn.Module):
         self, sources: list[Float[Tensor, "batch pos d_model"]]
     ) -> Float[Tensor, "batch pos d_model"]:
         stacked = self.hook_sources(torch.stack(sources, dim=2))
-        logits = self.hook_logits(self.logits(stacked))
+        return self.mix(self.logits(stacked), stacked)
+
+    def mix(
+        self, logits: Float[Tensor, "rows pos source"], stacked: Float[Tensor, "batch pos source d_model"]
+    ) -> Float[Tensor, "rows pos d_model"]:
+        """The router from its logits on (``hook_logits`` -> softmax -> ``hook_weights`` ->
+        weighted sum -> ``hook_out``): the forward's second half, and what estimators rerun.
+
+        ``logits`` may stack ``S`` runs of the ``batch`` items of ``stacked``
+        (``rows = S * batch``); the sources are then shared by all runs (broadcast, never copied).
+        """
+        logits = self.hook_logits(logits)
         # Softmax in fp32 so that bf16 models still route with full-precision weights.
         weights = self.hook_weights(torch.softmax(logits.float(), dim=-1).to(stacked.dtype))
-        out = torch.matmul(weights.unsqueeze(-2), stacked).squeeze(-2)
-        return self.hook_out(out)
+        if weights.shape[0] == stacked.shape[0]:
+            return self.hook_out(torch.matmul(weights.unsqueeze(-2), stacked).squeeze(-2))
+        n_items = stacked.shape[0]
+        runs = weights.view(weights.shape[0] // n_items, n_items, *weights.shape[1:])
+        mixed = runs.unsqueeze(-2) @ stacked.unsqueeze(0)
+        return self.hook_out(mixed.reshape(weights.shape[0], weights.shape[1], -1))
 
     def logits(
         self, stacked: Float[Tensor, "batch pos source d_model"]
@@ -95,6 +112,17 @@ class DepthRouter(nn.Module):
         return logits
 
 
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every :class:`DepthRouter` in ``model``, found by module type (so a
+    renamed or wrapped model, e.g. TL 4's bridge or a Hugging Face wrapper, finds them too)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, DepthRouter):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 class _Gain(nn.Module):
     """Holds the key-norm gain so that its state-dict key reads ``norm.weight``."""
 
@@ -111,6 +139,9 @@ class DepthSource:
     index: int
     family: Family
     label: str
+    #: the components this source sums: ``-1`` the embedding, ``k`` sublayer ``k``'s output
+    #: (``attn_l = 2l``, ``mlp_l = 2l + 1``); two sources with the same members are one tensor
+    members: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -125,84 +156,38 @@ class RouterSpec:
     sources: tuple[DepthSource, ...]
 
     @property
+    def id(self) -> RouterId:
+        """This router's :class:`~attnres_lens.names.RouterId`."""
+        return RouterId(self.layer, self.sublayer)
+
+    @property
     def n_sources(self) -> int:
         return len(self.sources)
+
+    @property
+    def has_current(self) -> bool:
+        """Whether the last source is the in-progress one (the depth state's ``current``)."""
+        return bool(self.sources) and self.sources[-1].family == "current"
+
+    @property
+    def n_completed(self) -> int:
+        """How many sources are completed ones (the depth state's ``completed``)."""
+        return self.n_sources - int(self.has_current)
+
+    def source_of(self, component: int) -> int:
+        """The index of the first source that sums ``component`` (``-1`` embedding, ``k`` sublayer)."""
+        for source in self.sources:
+            if component in source.members:
+                return source.index
+        raise ValueError(f"no source of {self.name} holds component {component}")
 
     def families(self) -> tuple[str, ...]:
         """The families present at this router, in source order, without repeats."""
         return tuple(dict.fromkeys(s.family for s in self.sources))
 
 
-def closes_block_before(cfg: AttnResConfig, k: int) -> bool:
-    """Kimi: whether the partial sum is stored as a completed source before sublayer ``k``.
-
-    Block mode closes a block before the attention of every ``layers_per_block``-th layer (at
-    layer 0 this stores the embedding as b_0). Full mode makes every sublayer output its own
-    source, so it closes before every sublayer (and before the final router).
-    """
-    if cfg.routing_mode == "full":
-        return True
-    return k < cfg.n_sublayers and k % 2 == 0 and (k // 2) % cfg.layers_per_block == 0
-
-
-def snapshot_after(cfg: AttnResConfig, k: int) -> bool:
-    """Cumulative: whether the stream is appended to the history after sublayer ``k``."""
-    if cfg.routing_mode == "full":
-        return True
-    return k % 2 == 1 and ((k // 2) + 1) % cfg.layers_per_block == 0
-
-
-def _sublayer_name(k: int) -> str:
-    return f"{'attn' if k % 2 == 0 else 'mlp'} {k // 2}"
-
-
-def source_layout(cfg: AttnResConfig) -> list[RouterSpec]:
-    """Every router of a model with config ``cfg``, with its sources, in forward order.
-
-    This runs the spec's state machine on labels instead of tensors.
-    """
-    routers: list[RouterSpec] = []
-
-    def spec(k: int, completed: list[str], current: Optional[str]) -> RouterSpec:
-        labels = completed + ([current] if current is not None else [])
-        sources = []
-        for i, label in enumerate(labels):
-            if i == 0:
-                family: Family = "embedding"
-            elif current is not None and i == len(labels) - 1:
-                family = "current"
-            else:
-                family = "history"
-            sources.append(DepthSource(i, family, label))
-        if k == cfg.n_sublayers:
-            return RouterSpec("final_router", None, "final", k, tuple(sources))
-        sub: Sublayer = "attn" if k % 2 == 0 else "mlp"
-        return RouterSpec(f"blocks.{k // 2}.{sub}_router", k // 2, sub, k, tuple(sources))
-
-    if cfg.flavour == "kimi":
-        completed: list[str] = []
-        current: Optional[str] = "emb"
-        n_closed = 0
-        for k in range(cfg.n_sublayers + (1 if cfg.has_final_router else 0)):
-            if closes_block_before(cfg, k) and current is not None:
-                if cfg.routing_mode == "block" and n_closed > 0:
-                    current = f"block {n_closed - 1}"
-                completed.append(current)
-                current = None
-                n_closed += 1
-            routers.append(spec(k, completed, current))
-            if k < cfg.n_sublayers:
-                if current is None:
-                    current = "partial" if cfg.routing_mode == "block" else _sublayer_name(k)
-    else:
-        completed = ["emb"]
-        current = "stream"
-        for k in range(cfg.n_sublayers):
-            routers.append(spec(k, completed, current))
-            if snapshot_after(cfg, k):
-                completed.append(
-                    f"after {_sublayer_name(k)}"
-                    if cfg.routing_mode == "full"
-                    else f"after block {(k // 2) // cfg.layers_per_block}"
-                )
-    return routers
+def source_layout(cfg: "AttnResConfig") -> list[RouterSpec]:
+    """Every router of a model with config ``cfg``, with its sources, in forward order: the
+    labels reader of ``cfg.scheme`` (:class:`~attnres_lens.scheme.RoutingScheme`), which runs
+    the spec's state machine on labels and component sets instead of tensors."""
+    return cfg.scheme.layout()

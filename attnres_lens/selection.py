@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .names import GROUPINGS, SUBLAYERS, router_name
+from .names import GROUPINGS, SUBLAYERS, RouterId, router_name
 from .router import FAMILIES, RouterSpec
 
 if TYPE_CHECKING:  # annotations only: the model's modules import this one (via metrics)
@@ -229,15 +229,9 @@ def describe_router(spec: RouterSpec) -> str:
 
 
 def router_spec_named(specs: Mapping[str, RouterSpec], name: str) -> RouterSpec:
-    """``specs[name]``, or a ``KeyError`` listing the routers there are."""
-    if name not in specs:
-        layers = sorted({s.layer for s in specs.values() if s.layer is not None})
-        valid = (
-            f"blocks.{{l}}.attn_router and blocks.{{l}}.mlp_router for l in 0..{layers[-1]}"
-            + (", final_router" if "final_router" in specs else "")
-        )
-        raise KeyError(f"no router named {name!r}; routers are {valid}")
-    return specs[name]
+    """``specs[name]`` (``name`` in any form :meth:`RouterId.parse` accepts), or an
+    :class:`~attnres_lens.names.UnknownRouterError` (a ``KeyError``) listing the routers there are."""
+    return specs[RouterId.parse(name, specs).name]
 
 
 def source_index(spec: RouterSpec, source: int) -> int:
@@ -333,29 +327,23 @@ def slice_pairs(touched: Touched) -> list[SlicePair]:
 
 
 # ============================================================================ duplicate sources
-def duplicate_of(specs: Sequence[RouterSpec], flavour: str) -> dict[str, tuple[Optional[int], ...]]:
+def duplicate_of(specs: Sequence[RouterSpec]) -> dict[str, tuple[Optional[int], ...]]:
     """Per router, for each source, the index of the first source holding the *same tensor*
-    (``None`` for a source that is the first holder of its tensor), read from the layout.
+    (``None`` for a source that is the first holder of its tensor), derived from the layout.
 
-    Only the cumulative flavour has copies (``docs/concepts.md``): its history holds snapshots
-    of the stream ``x``, and a snapshot appended since the previous router is ``x`` itself,
-    because no sublayer has run in between (at the first router the embedding is both ``H[0]``
-    and ``x``; in block mode, with one layer per block, every attention router has such a pair;
-    in full mode every router does). So at a router that reads the current source, every
-    completed source that is new since the previous router (all of them at the first router)
-    and is last among the completed ones holds the current tensor. In the kimi flavour a
-    completed source is never also the current one: closing a block empties the current slot.
+    Two sources of a router are one tensor exactly when they sum the same components (their
+    ``members``, see :mod:`attnres_lens.scheme`). Only the cumulative flavour has such copies
+    (``docs/concepts.md``): a snapshot taken since the previous router is the stream ``x``
+    itself (at the first router the embedding is both ``H[0]`` and ``x``; in block mode, with
+    one layer per block, every attention router has such a pair; in full mode every router
+    does). In the kimi flavour closing a block empties the current slot, so no copies.
     """
     out: dict[str, tuple[Optional[int], ...]] = {}
-    previous_completed = 0
     for spec in specs:
-        has_current = any(s.family == "current" for s in spec.sources)
-        n_completed = spec.n_sources - (1 if has_current else 0)
-        copies: list[Optional[int]] = [None] * spec.n_sources
-        if flavour == "cumulative" and has_current and n_completed > previous_completed:
-            copies[spec.n_sources - 1] = n_completed - 1  # the stream is the snapshot just taken
-        out[spec.name] = tuple(copies)
-        previous_completed = n_completed
+        first: dict[frozenset[int], int] = {}
+        out[spec.name] = tuple(
+            None if first.setdefault(s.members, s.index) == s.index else first[s.members] for s in spec.sources
+        )
     return out
 
 
@@ -367,7 +355,7 @@ def copies_of(duplicates: Sequence[Optional[int]], index: int) -> tuple[int, ...
 
 def duplicate_pairs(model: "HookedAttnResTransformer") -> list[tuple[RouterSpec, tuple[int, ...]]]:
     """The routers with copies of one tensor, each with the copies' indices (first holder first)."""
-    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    duplicates = duplicate_of(model.router_specs)
     out = []
     for spec in model.router_specs:
         dup = duplicates[spec.name]
@@ -600,7 +588,7 @@ def sweep_units(
     else:
         raise TypeError(f"groups must be one of {GROUPINGS} or a mapping label -> [(router, source)], got {groups!r}")
     step_of = {s.name: s.step for s in model.router_specs}
-    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    duplicates = duplicate_of(model.router_specs)
     kept = []
     for unit in units:
         unit.touched = resolve_where(model, unit.where)

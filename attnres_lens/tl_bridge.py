@@ -120,7 +120,7 @@ if UNAVAILABLE_REASON is None:
         def set_original_component(self, original_component: nn.Module) -> None:
             super().set_original_component(original_component)
             self._layer = original_component.layer
-            if original_component.cfg.flavour == "cumulative":
+            if original_component.scheme.has_residual_stream:
                 self.hook_in = original_component.hook_resid_pre
                 self.hook_out = original_component.hook_resid_post
                 self.hook_out_is_single_residual_stream = True
@@ -175,9 +175,10 @@ if UNAVAILABLE_REASON is None:
             self.weight_processing_conversions = {}
             self.supports_fold_ln = False
             self.supports_center_writing_weights = False
-            self.component_mapping = self._component_mapping("kimi")
+            # until prepare_model sees the model: the mapping with a final router
+            self.component_mapping = self._component_mapping(has_final_router=True, single_stream=False)
 
-        def _component_mapping(self, flavour: str) -> dict:
+        def _component_mapping(self, *, has_final_router: bool, single_stream: bool) -> dict:
             cfg = self.cfg
             block = AttnResBlockBridge(
                 name="model.blocks",
@@ -192,9 +193,9 @@ if UNAVAILABLE_REASON is None:
                 },
             )
             # TL tools read the stream contract from the template as well as from each block.
-            block.hook_out_is_single_residual_stream = flavour == "cumulative"
+            block.hook_out_is_single_residual_stream = single_stream
             mapping: dict = {"embed": EmbedBridge("model.embed", cfg), "blocks": block}
-            if flavour == "kimi":
+            if has_final_router:
                 mapping["final_router"] = RouterBridge("model.final_router", cfg)
             mapping["ln_final"] = _OwnHooksBridge("model.ln_final", cfg)
             mapping["unembed"] = UnembedBridge("model.unembed", cfg)
@@ -210,7 +211,9 @@ if UNAVAILABLE_REASON is None:
                     f"{type(inner).__name__}"
                 )
             self.cfg.attnres_flavour = inner.cfg.flavour
-            self.component_mapping = self._component_mapping(inner.cfg.flavour)
+            self.component_mapping = self._component_mapping(
+                has_final_router=inner.scheme.has_final_router, single_stream=inner.scheme.has_residual_stream
+            )
             # Taken before the bridge wraps the modules (which renames their parameters and
             # hook points): our tools get a model of their own over the same tensors.
             self.attnres_model = sharing_weights(inner)

@@ -4,9 +4,9 @@ Usage: python tools/redesign_counts.py [attnres_lens] [-v]
 
 Each count is an AST (or plain-text) rule stated next to it; ``-v`` lists what was counted.
 
-1. flavour branches: ``Compare`` nodes with an operand named ``flavour`` (a name or an
-   attribute) or the string ``"kimi"``/``"cumulative"``, outside the scheme module
-   (``scheme.py``) and ``loading.py``.
+1. flavour branches: ``Compare`` nodes that test which flavour: an operand named ``flavour``
+   (a name or an attribute) against a string, or the string ``"kimi"``/``"cumulative"``,
+   outside the scheme module (``scheme.py``) and ``loading.py``.
 2. places that derive the layout: functions (outside ``scheme.py``) that use a layout
    primitive: ``closes_block_before``, ``snapshot_after``, ``layers_per_block``,
    ``source_members``, a comparison on ``flavour`` or ``routing_mode``, or that build a
@@ -58,16 +58,18 @@ def _names_in(node: ast.AST) -> set[str]:
 
 
 def _is_flavour_compare(node: ast.AST, keys=("flavour",)) -> bool:
+    """A comparison that tests *which* flavour (or mode): an operand named ``flavour`` against a
+    string, or the string ``"kimi"``/``"cumulative"`` against anything. Validation against a
+    tuple of names (``flavour not in FLAVOURS``) and ``flavour is None`` are not branches."""
     if not isinstance(node, ast.Compare):
         return False
-    for operand in [node.left, *node.comparators]:
-        if isinstance(operand, ast.Name) and operand.id in keys:
-            return True
-        if isinstance(operand, ast.Attribute) and operand.attr in keys:
-            return True
-        if "flavour" in keys and isinstance(operand, ast.Constant) and operand.value in ("kimi", "cumulative"):
-            return True
-    return False
+    operands = [node.left, *node.comparators]
+    named = any(
+        (isinstance(o, ast.Name) and o.id in keys) or (isinstance(o, ast.Attribute) and o.attr in keys)
+        for o in operands
+    )
+    strings = [o for o in operands if isinstance(o, ast.Constant) and isinstance(o.value, str)]
+    return (named and bool(strings)) or any(o.value in ("kimi", "cumulative") for o in strings)
 
 
 def flavour_branches(root: Path) -> list[str]:

@@ -328,11 +328,9 @@ def _detached(state: DepthState) -> DepthState:
 
 
 def _final_source_of(model: "HookedAttnResTransformer", k: int) -> int:
-    """Kimi: the index of the final router's source that holds sublayer ``k``'s output."""
-    cfg = model.cfg
-    if cfg.routing_mode == "full":
-        return k + 1
-    return 1 + (k // 2) // cfg.layers_per_block
+    """Kimi: the index of the final router's source that holds sublayer ``k``'s output (from
+    the layout's ``members``)."""
+    return model.router_specs[-1].source_of(k)
 
 
 def _slice_estimates(model, tokens, metric, clean: _Pass, units, mode, factor, positions, method, budget):
@@ -402,7 +400,7 @@ class _DirectPath:
         with torch.no_grad():
             if self.kimi:
                 router = model.final_router
-                y = _route(router, router.logits(self.values), self.values)
+                y = router.mix(router.logits(self.values), self.values)
             else:
                 y = self.values
             active = sorted(self.active)
@@ -413,19 +411,6 @@ class _DirectPath:
             for slot, j in enumerate(active):
                 out[j] = (metric(logits[slot * batch:(slot + 1) * batch], tokens, None).double() - clean_metric).cpu()
             return out
-
-
-def _route(router, logits: Tensor, sources: Tensor) -> Tensor:
-    """A router's forward from its logits (``DepthRouter.forward`` after ``hook_sources``, whose
-    ops these modes do not use), for a stack of ``S`` runs of ``B`` items: ``logits``
-    ``[S*B, pos, source]``; ``sources`` ``[S*B, pos, source, d_model]``, or the ``[B, ...]``
-    sources all members share (broadcast, never copied)."""
-    logits = router.hook_logits(logits)
-    weights = router.hook_weights(torch.softmax(logits.float(), dim=-1).to(sources.dtype))
-    n_items = sources.shape[0]
-    stack = weights.shape[0] // n_items
-    mixed = weights.view(stack, n_items, *weights.shape[1:]).unsqueeze(-2) @ sources.unsqueeze(0)
-    return router.hook_out(mixed.reshape(weights.shape[0], weights.shape[1], -1))
 
 
 def _stack_hooks(model, units, interventions, batch: int) -> list:
@@ -465,7 +450,7 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
         block = model.blocks[k // 2]
         module = model.router(router)
         with torch.no_grad():
-            h = _route(module, clean.logits[router].repeat(len(members), 1, 1), clean.sources[router])
+            h = module.mix(clean.logits[router].repeat(len(members), 1, 1), clean.sources[router])
             change = h.view(len(members), batch, *h.shape[1:]) - clean.routed[router]
             relative = (change.norm(dim=-1) / clean.routed[router].norm(dim=-1).clamp_min(1e-30)).amax(dim=(1, 2))
             small = [slot for slot in range(len(members)) if relative[slot] < RECOMPUTE_ABOVE]
@@ -479,10 +464,7 @@ def _sublayer_deltas(model, clean: _Pass, units, seq, batch, direct: _DirectPath
             if not members:
                 continue
             h = change[big].add_(clean.routed[router]).view(len(big) * batch, *h.shape[1:])
-            if k % 2 == 0:
-                new = block.hook_attn_out(block.attn(block.ln1(block.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, None))
-            else:
-                new = block.hook_mlp_out(block.mlp(block.ln2(block.hook_mlp_in(h))))
+            new = block.routed_sublayer(k, h, seq)
             parts = new.view(len(members), batch, *new.shape[1:]).sub_(clean.outputs[k])
             along_total = _dots(parts, clean.total[k])
             along_indirect = _dots(parts, clean.total[k] - clean.direct[k])

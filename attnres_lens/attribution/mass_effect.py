@@ -257,7 +257,7 @@ def _merged_pair_effects(
 ) -> dict[tuple[str, int], float]:
     """Per-copy reports: the effect of intervening on every copy of each duplicated slice row,
     keyed by each copy's ``(router, source)`` (one extra sweep row per pair)."""
-    duplicates = duplicate_of(model.router_specs, model.cfg.flavour)
+    duplicates = duplicate_of(model.router_specs)
     groups: dict[str, list[tuple[str, int]]] = {}
     for unit in rows.units:
         if unit.source is None or not unit.n_copies or unit.n_copies < 2:
