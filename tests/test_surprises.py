@@ -44,3 +44,26 @@ def test_a_negligible_gradient_estimate_is_not_a_sign_disagreement():
     agreement = gradient_agreement(table, np.ones(4, dtype=bool), effect_threshold=0.01, top_k=2, kind="zero")
     why = dict(zip(agreement["disagreements"]["name"], agreement["disagreements"]["why"]))
     assert why == {"b": "estimate ~0 (under the effect threshold)", "c": "sign differs"}
+
+
+# ----------------------------------------------------------------------------- threads (Q 8)
+def test_the_library_sets_no_global_threads(tmp_path):
+    """Loading, a forward, routing statistics and mass_vs_effect leave torch's thread count as
+    the user set it (the suite's own 1 is set back afterwards)."""
+    import warnings
+
+    from attnres_lens import HookedAttnResTransformer, bundled, mass_vs_effect, routing_statistics
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        model = HookedAttnResTransformer.from_pretrained(bundled.model_path(bundled.ATTNRES_MODEL))
+        tokens = bundled.eval_tokens(model, n_prompts=4, seq_len=16)
+        model(tokens)
+        routing_statistics(model, tokens)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mass_vs_effect(model, tokens, n_boot=40, groups="family")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
