@@ -169,11 +169,10 @@ def test_console_script_runs_in_a_subprocess(tiny_dirs):
 
 
 # ----------------------------------------------------------------------------- bundled + demo
-def test_demo_writes_the_promised_report(tmp_path, capsys):
-    out = tmp_path / "report"
-    code = main(["demo", "--out", str(out), "--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+def test_demo_writes_the_promised_report(demo_run):
+    # the run (demo --prompts 6 --seq-len 32 --n-boot 40 --quiet) is shared with test_golden.py
+    code, printed, err, out = demo_run
+    assert code == 0, err
     assert "wrapped" in printed and "trained" in printed and "content dependence" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_FIELDS) <= set(summary)

@@ -67,3 +67,51 @@ def test_the_library_sets_no_global_threads(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- structural rows (Q 2)
+def test_a_row_whose_mass_is_fixed_by_construction_is_structural(report, cumulative):
+    """One layer per block: layer 0's attention reads the embedding twice (emb = stream), so its
+    merged row has mass 1 whatever the input. It is marked, said why, and compared with nothing."""
+    import scipy.stats
+
+    from attnres_lens.attribution.mass_effect import STRUCTURAL_ONE_TENSOR
+
+    t = report.table
+    structural = t[t["structural"]]
+    assert list(structural["name"]) == ["L0 attn: [0] emb = stream"]
+    assert structural["mass"].tolist() == pytest.approx([1.0])
+    assert structural["structural_reason"].tolist() == [STRUCTURAL_ONE_TENSOR]
+    assert (t["eligible"] == ~t["structural"]).all()
+    rest = t[~t["structural"]]
+    assert report.rank_correlation["n"] == len(rest)
+    assert report.rank_correlation["spearman"]["estimate"] == pytest.approx(
+        scipy.stats.spearmanr(rest["mass"], rest["abs_effect"]).statistic
+    )
+    assert "L0 attn: [0] emb = stream" not in set(report.flags["name"])
+    assert report.largest["attn"]["largest_mass"] != "L0 attn: [0] emb = stream"
+    text = report.to_markdown()
+    assert "**Structural rows**" in text and f"- L0 attn: [0] emb = stream: mass 1.0000" in text
+    assert STRUCTURAL_ONE_TENSOR in text and "| structural |" in text.replace("  ", " ")
+
+
+def test_unmerged_copies_are_structural_and_merged_streams_are_named_in_family_bands(cumulative):
+    import warnings
+
+    from attnres_lens import mass_vs_effect
+    from attnres_lens.attribution.mass_effect import STRUCTURAL_COPY
+
+    tokens = torch.randint(1, 250, (8, 8), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copies = mass_vs_effect(cumulative, tokens, n_boot=40, merge_duplicates=False)
+        bands = mass_vs_effect(cumulative, tokens, n_boot=40, groups="family_band")
+    t = copies.table
+    structural = t[t["structural"]]
+    assert list(structural["router"]) == ["blocks.0.attn_router"] * 2
+    assert structural["mass"].sum() == pytest.approx(1.0)  # identical keys: a split fixed by the bias alone
+    np.testing.assert_allclose(structural["mass_low"], structural["mass_high"], atol=1e-6)  # the same on every prompt
+    assert set(structural["structural_reason"]) == {STRUCTURAL_COPY}
+    names = list(bands.table["name"])
+    assert "history (+ current copies), attn, late (layers 2)" in names, names
+    assert not any(n.startswith("history (+") and ", mlp," in n for n in names)  # no copies at mlp routers
