@@ -194,7 +194,7 @@ def mass_vs_effect(
             positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
             merge_duplicates=merge_duplicates, checkpoint_dir=checkpoint_dir,
         )
-    rows, undefined_names = _defined_rows(result, resolved_bands, mode, duplicate_of(model.router_specs, model.cfg.flavour))
+    rows, undefined_names = _defined_rows(result, resolved_bands, mode, duplicate_of(model.router_specs))
     check_finite(rows.sweep)
     merged_effects = None
     if not merge_duplicates:
