@@ -7,10 +7,12 @@ Each count is an AST (or plain-text) rule stated next to it; ``-v`` lists what w
 1. flavour branches: ``Compare`` nodes that test which flavour: an operand named ``flavour``
    (a name or an attribute) against a string, or the string ``"kimi"``/``"cumulative"``,
    outside the scheme module (``scheme.py``) and ``loading.py``.
-2. places that derive the layout: functions (outside ``scheme.py``) that use a layout
-   primitive: ``closes_block_before``, ``snapshot_after``, ``layers_per_block``,
-   ``source_members``, a comparison on ``flavour`` or ``routing_mode``, or that build a
-   ``DepthState`` from cached router sources (``DepthState(`` next to ``unbind``).
+2. places that derive the layout: functions (outside ``scheme.py`` and ``loading.py``) that
+   use a layout rule: ``closes_block_before``/``snapshot_after``, block arithmetic
+   (``// layers_per_block`` or ``% layers_per_block``), a comparison that tests the flavour
+   or the routing mode, or that build a ``DepthState`` from cached router sources
+   (``DepthState(`` next to ``unbind``). Reading ``members`` or a ``RouterSpec`` is not
+   deriving.
 3. router resolvers: functions that turn a user's designation of a router into a router name
    or spec: any function that builds ``"blocks.{l}.{sub}_router"`` (an f-string holding
    ``blocks.`` and ``_router``), parses a hook name (``rsplit``/``split`` on a string holding
@@ -38,7 +40,7 @@ from function_lengths import function_lengths  # noqa: E402
 from import_graph import edges, module_names  # noqa: E402
 
 EXEMPT_FLAVOUR = {"scheme.py", "loading.py"}
-LAYOUT_NAMES = {"closes_block_before", "snapshot_after", "layers_per_block", "source_members"}
+LAYOUT_NAMES = {"closes_block_before", "snapshot_after"}
 PER_HEAD = re.compile(r"hook_weights|router_weights|hook_logits|router_logits|proj\.weight|\.query\b|router\.logits\(")
 
 
@@ -97,10 +99,14 @@ def _functions(tree: ast.AST):
 def layout_derivations(root: Path) -> list[str]:
     hits = []
     for path, text, tree in _sources(root):
-        if path.name == "scheme.py":
+        if path.name in EXEMPT_FLAVOUR:
             continue
         for name, fn in _functions(tree):
             used = _names_in(fn) & LAYOUT_NAMES
+            used |= {"block arithmetic"} if any(
+                isinstance(n, ast.BinOp) and isinstance(n.op, (ast.FloorDiv, ast.Mod)) and "layers_per_block" in _names_in(n.right)
+                for n in ast.walk(fn)
+            ) else set()
             compares = any(_is_flavour_compare(n, ("flavour", "routing_mode")) for n in ast.walk(fn))
             segment = ast.get_source_segment(text, fn) or ""
             rebuilds = "DepthState(" in segment and "unbind" in segment
@@ -122,7 +128,8 @@ def router_resolvers(root: Path) -> list[str]:
                 for n in ast.walk(fn)
             )
             parses = re.search(r"\.(rsplit|split)\((\"|')[^\"']*(hook|\.)[^\"']*(\"|')", segment) and "name" in segment
-            looks_up = re.search(r"no router", segment) is not None
+            body = [n for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+            looks_up = any("no router" in ast.unparse(n) for n in body)  # an error message, not a docstring
             if builds or parses or looks_up:
                 hits.append(f"{path.relative_to(root.parent)}:{name}")
     return hits
