@@ -201,3 +201,131 @@ def reference(layout: str, base, routers: dict, config: dict, tokens: torch.Tens
     if layout == "open-block":
         return open_block(base, routers, tokens, config["attnres_num_blocks"])
     raise ValueError(f"no reference for layout {layout!r}; layouts are {tuple(LAYOUTS)}")
+
+
+# ------------------------------------------------------------------------ NANO (BabyLM nanoGPT)
+#: NanoGPTConfig fields (YpLarryWang/nanoGPT@78b6df6, eval/hf_nanogpt/modeling_nanogpt.py 30-79)
+#: of a tiny Block AttnRes export, as eval/convert_nanogpt_to_hf.py writes them (tied head).
+NANO_CONFIG = dict(
+    model_type="nanogpt", architectures=["NanoGPTForCausalLM"], vocab_size=300, block_size=64, n_layer=2,
+    n_head=4, n_embd=32, dropout=0.0, bias=False, use_rmsnorm=False, use_swiglu=False, swiglu_mult=8 / 3,
+    use_rope=False, use_attn_gate=False, use_attn_res=True, attn_res_block_size=2, bidirectional=False,
+    rope_theta=10000.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+    auto_map={"AutoConfig": "modeling_nanogpt.NanoGPTConfig", "AutoModelForCausalLM": "modeling_nanogpt.NanoGPTForCausalLM"},
+)
+
+
+def nano_state(config: dict, seed: int) -> dict:
+    """Random weights under NANO's parameter names (HF 96-291): ``transformer.wte/wpe/h.{l}/ln_f``,
+    the routers ``attn_res_q{1,2}`` [C] and ``attn_res_norm{1,2}.weight`` per block, and
+    ``attn_res_qf`` / ``attn_res_normf.weight``; no ``lm_head.weight`` (tied to ``wte``)."""
+    gen = torch.Generator().manual_seed(seed)
+    C, L, V = config["n_embd"], config["n_layer"], config["vocab_size"]
+    rand = lambda *shape, std=0.02: torch.randn(*shape, generator=gen) * std  # noqa: E731
+    gain = lambda: torch.rand(C, generator=gen) + 0.5  # noqa: E731
+    sd = {"transformer.wte.weight": rand(V, C, std=1.0), "transformer.ln_f.weight": gain()}
+    if not config["use_rope"]:
+        sd["transformer.wpe.weight"] = rand(config["block_size"], C, std=0.5)
+    hidden = round(int(config["swiglu_mult"] * C) / 64) * 64 if config["use_swiglu"] else 4 * C
+    for l in range(L):
+        p = f"transformer.h.{l}"
+        sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_2.weight"] = gain(), gain()
+        sd[f"{p}.attn.c_attn.weight"], sd[f"{p}.attn.c_proj.weight"] = rand(3 * C, C, std=0.2), rand(C, C, std=0.2)
+        if config["use_swiglu"]:
+            sd[f"{p}.mlp.c_gate.weight"], sd[f"{p}.mlp.c_val.weight"] = rand(hidden, C, std=0.2), rand(hidden, C, std=0.2)
+        else:
+            sd[f"{p}.mlp.c_fc.weight"] = rand(hidden, C, std=0.2)
+        sd[f"{p}.mlp.c_proj.weight"] = rand(C, hidden, std=0.2)
+        for i in (1, 2):
+            sd[f"{p}.attn_res_q{i}"], sd[f"{p}.attn_res_norm{i}.weight"] = rand(C, std=0.4), gain()
+        if config["bias"]:
+            for name in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                out = sd[f"{p}.{name}.weight"].shape[0]
+                sd[f"{p}.{name}.bias"] = rand(out, std=0.1)
+    if config["bias"]:
+        sd["transformer.ln_f.bias"] = rand(C, std=0.1)
+    sd["attn_res_qf"], sd["attn_res_normf.weight"] = rand(C, std=0.4), gain()
+    return sd
+
+
+def write_nano(directory: Path, *, seed: int = 0, **fields):
+    """A BabyLM-style NanoGPTForCausalLM export (config.json + model.safetensors)."""
+    config = {**NANO_CONFIG, **fields}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = nano_state(config, seed)
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return config, sd
+
+
+@torch.no_grad()
+def nano(config: dict, sd: dict, tokens: torch.Tensor):
+    """NANO's forward (YpLarryWang/nanoGPT@78b6df6, eval/hf_nanogpt/modeling_nanogpt.py):
+    ``attn_res_mix`` (113-117: softmax over depth of <q, RMSNorm(V)>, raw values), the block's
+    ``forward_attn_res`` (257-266: q1 router over ``blocks + [partial]``, then at a block start
+    ``blocks += [partial]; partial = None``; ``partial = attn_out (+ partial)``; q2 router;
+    ``partial += mlp_out``) and ``_transformer_forward`` (295-310: ``blocks=[]``, ``partial=emb``,
+    the ``attn_res_qf`` router, ``ln_f``, the tied head)."""
+    F = torch.nn.functional
+    C, H, eps = config["n_embd"], config["n_head"], config["layer_norm_epsilon"]
+    B, T = tokens.shape
+    get = lambda name: sd.get(name)  # noqa: E731
+
+    def norm(x, prefix):  # make_norm (88-93): RMSNorm or LayerNorm, eps layer_norm_epsilon
+        if config["use_rmsnorm"]:
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * sd[f"{prefix}.weight"]
+        return F.layer_norm(x, (C,), sd[f"{prefix}.weight"], get(f"{prefix}.bias"), eps)
+
+    def linear(x, prefix):
+        return F.linear(x, sd[f"{prefix}.weight"], get(f"{prefix}.bias"))
+
+    def rope(x):  # build_rope_cache / apply_rope (120-140)
+        hd = x.shape[-1]
+        inv = 1.0 / (config["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(T).float(), inv)
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def attn(x, p):  # CausalSelfAttention (143-200), dense causal
+        h = norm(x, f"{p}.ln_1")
+        q, k, v = linear(h, f"{p}.attn.c_attn").split(C, dim=2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        if config["use_rope"]:
+            q, k = rope(q), rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        if config["use_attn_gate"]:
+            y = y * torch.sigmoid(linear(h, f"{p}.attn.attn_gate"))
+        return linear(y, f"{p}.attn.c_proj")
+
+    def mlp(x, p):  # MLP (204-214: GELU, exact) or SwiGLU (217-230)
+        h = norm(x, f"{p}.ln_2")
+        if config["use_swiglu"]:
+            return linear(F.silu(linear(h, f"{p}.mlp.c_gate")) * linear(h, f"{p}.mlp.c_val"), f"{p}.mlp.c_proj")
+        return linear(F.gelu(linear(h, f"{p}.mlp.c_fc")), f"{p}.mlp.c_proj")
+
+    weights: list = []
+
+    def mix(sources, q, gain):
+        V = torch.stack(sources)
+        K = V / torch.sqrt(V.pow(2).mean(-1, keepdim=True) + 1e-5) * gain  # RMSNorm(n_embd): eps 1e-5
+        w = torch.einsum("c,sbtc->sbt", q, K).softmax(dim=0)
+        weights.append(w.permute(1, 2, 0))
+        return torch.einsum("sbt,sbtc->btc", w, V)
+
+    x = sd["transformer.wte.weight"][tokens]
+    if not config["use_rope"]:
+        x = x + sd["transformer.wpe.weight"][:T]
+    blocks, partial = [], x
+    for l in range(config["n_layer"]):
+        p = f"transformer.h.{l}"
+        h = mix(blocks + [partial], sd[f"{p}.attn_res_q1"], sd[f"{p}.attn_res_norm1.weight"])
+        if (2 * l) % config["attn_res_block_size"] == 0:
+            blocks, partial = blocks + [partial], None
+        out = attn(h, p)
+        partial = out if partial is None else partial + out
+        h = mix(blocks + [partial], sd[f"{p}.attn_res_q2"], sd[f"{p}.attn_res_norm2.weight"])
+        partial = partial + mlp(h, p)
+    y = mix(blocks + [partial], sd["attn_res_qf"], sd["attn_res_normf.weight"])
+    return norm(y, "transformer.ln_f") @ sd["transformer.wte.weight"].T, weights

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from attnres_lens import HookedAttnResTransformer, tl_bridge
 from attnres_lens.cli import main
 from attnres_lens.loading import CheckpointError
-from layout_refs import LAYOUTS, reference, write_layout
+from layout_refs import LAYOUTS, nano, reference, write_layout, write_nano
 
 TOL = 1e-5
 TOKENS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(7))
@@ -152,11 +152,13 @@ def test_the_null_source_is_refused_by_name(tmp_path):
 
 
 def test_the_babylm_nanogpt_layout_is_refused_by_name(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "nanogpt", "architectures": ["NanoGPTForCausalLM"], "use_attn_res": True, "n_layer": 2}
-    ))
+    config, state = write_nano(tmp_path)
     with pytest.raises(CheckpointError, match=r"model_type 'nanogpt' is not supported.*BabyLM nanoGPT.*Block AttnRes"):
         HookedAttnResTransformer.from_pretrained(tmp_path)
+    # the reference the nanoGPT component set will be checked against routes on content
+    logits, weights = nano(config, state, TOKENS)
+    assert [w.shape[-1] for w in weights] == [1, 2, 2, 3, 3]  # 2 layers, blocks of 2 sublayers
+    assert all(w.std(dim=(0, 1)).max() > 1e-3 for w in weights[1:]) and logits.shape == (2, 9, 300)
 
 
 @pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - set(LOADING)))
