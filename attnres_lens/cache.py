@@ -164,17 +164,17 @@ class AttnResActivationCache(ActivationCache):
             raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
         layer, router, step = self._reading_router(layer, mlp_input)
         masses = self.component_masses(router)
+        pos_slice = _slice(pos_slice)
         labels, parts = [], []
         if incl_embeds:
             labels.append("embed")
-            parts.append(self._component(EMBEDDING) * masses[EMBEDDING].unsqueeze(-1))
+            parts.append(self._weighted(EMBEDDING, masses, pos_slice))
         for k in range(step):
             kind = "mlp" if k % 2 else "attn"
             if mode in ("all", kind):
                 labels.append(f"{k // 2}_{kind}_out")
-                parts.append(self._component(k) * masses[k].unsqueeze(-1))
-        pos_slice = _slice(pos_slice)
-        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts], dim=0)
+                parts.append(self._weighted(k, masses, pos_slice))
+        stack = torch.stack(parts, dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -239,19 +239,16 @@ class AttnResActivationCache(ActivationCache):
         parts: list[Tensor] = []
         for k in range(step):
             l = k // 2
-            mass = pos_slice.apply(masses[k], dim=-1)
             if k % 2 == 0:
-                heads = pos_slice.apply(self._head_results(l), dim=-3)  # [..., pos, head, d_model]
-                parts.append((heads * mass[..., None, None]).movedim(-2, 0))
+                parts.append(self._weighted(k, masses, pos_slice, per="head").movedim(-2, 0))
                 labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
             elif expand_neurons:
-                neurons = self.get_neuron_results(l, pos_slice=pos_slice)  # [..., pos, d_mlp, d_model]
-                parts.append((neurons * mass[..., None, None]).movedim(-2, 0))
+                parts.append(self._weighted(k, masses, pos_slice, per="neuron").movedim(-2, 0))
                 labels.extend(f"L{l}N{i}" for i in range(self.model.cfg.d_mlp))
             else:
-                parts.append((pos_slice.apply(self._component(k), dim=-2) * mass[..., None])[None])
+                parts.append(self._weighted(k, masses, pos_slice)[None])
                 labels.append(f"{l}_mlp_out")
-        embed = pos_slice.apply(self._component(EMBEDDING), dim=-2) * pos_slice.apply(masses[EMBEDDING], dim=-1)[..., None]
+        embed = self._weighted(EMBEDDING, masses, pos_slice)
         parts.append(embed[None])
         labels.append("embed")
         parts.append(torch.zeros_like(embed)[None])
@@ -262,6 +259,102 @@ class AttnResActivationCache(ActivationCache):
         if project_output_onto is not None:
             stack = stack @ project_output_onto
         return (stack, labels) if return_labels else stack
+
+    def stack_head_results(
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: Any = None,
+        apply_ln: bool = False,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """TL's ``stack_head_results``: ``[layer * head, *batch_and_pos, d_model]``, the heads of
+        the layers before ``layer``. Kimi: routing-aware, each head weighted by the reading
+        router's mass on the sources containing it (as :meth:`decompose_resid`), so the heads of
+        a layer sum to that layer's ``attn_out`` row there and ``remainder`` is what the reading
+        router outputs minus the heads. Cumulative: TL's, over the stream."""
+        if not self._is_routed():
+            return super().stack_head_results(layer, return_labels, incl_remainder, pos_slice, apply_ln)
+        layer, router, step = self._reading_router(layer, False)
+        return self._routed_stack(
+            layer, False, router, [k for k in range(0, step, 2)], "head", pos_slice, incl_remainder,
+            apply_ln, return_labels,
+            lambda k: [f"L{k // 2}H{h}" for h in range(self.model.cfg.n_heads)],
+        )
+
+    def stack_neuron_results(
+        self,
+        layer: int,
+        pos_slice: Any = None,
+        neuron_slice: Any = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: Optional[Tensor] = None,
+        mlp_input: bool = False,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """TL's ``stack_neuron_results`` (the neurons of the layers before ``layer``). Kimi:
+        routing-aware, each neuron weighted by the reading router's mass on the sources
+        containing its MLP (as :meth:`decompose_resid`). Cumulative: TL's."""
+        if not self._is_routed():
+            kwargs = {} if project_output_onto is None and not mlp_input else {
+                "project_output_onto": project_output_onto, "mlp_input": mlp_input}
+            return super().stack_neuron_results(
+                layer, pos_slice, neuron_slice, return_labels, incl_remainder, apply_ln, **kwargs
+            )
+        layer, router, step = self._reading_router(layer, mlp_input)
+        neurons = [int(n) for n in _slice(neuron_slice).indices(self.model.cfg.d_mlp)]
+        stack = self._routed_stack(
+            layer, mlp_input, router, [k for k in range(1, step, 2)], "neuron", pos_slice,
+            incl_remainder, apply_ln, return_labels,
+            lambda k: [f"L{k // 2}N{n}" for n in neurons], neuron_slice=neuron_slice,
+        )
+        if project_output_onto is None:
+            return stack
+        if return_labels:
+            return stack[0] @ project_output_onto, stack[1]
+        return stack @ project_output_onto
+
+    def _routed_stack(
+        self, layer: int, mlp_input: bool, router: str, components: list[int], per: str,
+        pos_slice: Any, incl_remainder: bool, apply_ln: bool, return_labels: bool, label: Any,
+        neuron_slice: Any = None,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """The kimi stacks of heads or neurons: every row weighted once, by :meth:`_weighted`."""
+        masses = self.component_masses(router)
+        pos_slice = _slice(pos_slice)
+        labels: list[str] = []
+        parts: list[Tensor] = []
+        for k in components:
+            parts.append(self._weighted(k, masses, pos_slice, per=per, neuron_slice=neuron_slice).movedim(-2, 0))
+            labels.extend(label(k))
+        empty = pos_slice.apply(self["hook_embed"], dim=-2)
+        stack = torch.cat(parts, dim=0) if parts else empty.new_zeros((0, *empty.shape))
+        if incl_remainder:
+            read = pos_slice.apply(self._cached(f"{router}.hook_out", "incl_remainder"), dim=-2)
+            stack = torch.cat([stack, (read - stack.sum(0))[None]], dim=0)
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    def _weighted(
+        self, component: int, masses: dict[int, Tensor], pos_slice: Slice, per: Optional[str] = None,
+        neuron_slice: Any = None,
+    ) -> Tensor:
+        """Component ``component``'s term in a routed read: its output (per head
+        ``[..., pos, head, d_model]``, per neuron ``[..., pos, neuron, d_model]``, or whole
+        ``[..., pos, d_model]``) times the reading router's mass on the sources containing it.
+        Every routing-aware stack of this cache weighs its rows here, and only here."""
+        mass = pos_slice.apply(masses[component], dim=-1)
+        if per == "head":
+            part = pos_slice.apply(self._head_results(component // 2), dim=-3)
+        elif per == "neuron":
+            part = self.get_neuron_results(component // 2, neuron_slice=neuron_slice, pos_slice=pos_slice)
+        else:
+            part = pos_slice.apply(self._component(component), dim=-2)
+        inner = part.ndim - mass.ndim
+        return part * mass.reshape(*mass.shape, *([1] * inner)).to(part.dtype)
 
     def _head_results(self, layer: int) -> Tensor:
         """``[..., pos, head, d_model]``: each head's write, ``z @ W_O`` (``hook_result``)."""
