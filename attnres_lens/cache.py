@@ -31,8 +31,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .compat import ActivationCache, Slice
+from .compat import ActivationCache, Slice, get_act_name
 from .config import AttnResConfig
+from .refusals import missing_hook_error
 from .router import closes_block_before, snapshot_after
 
 EMBEDDING = -1  # the component id of the embedding; sublayer k has id k
@@ -74,15 +75,9 @@ class AttnResActivationCache(ActivationCache):
         try:
             return super().__getitem__(key)
         except KeyError:
-            name = key if isinstance(key, str) else repr(key)
-            if self._is_routed() and "resid" in name:
-                raise KeyError(
-                    f"{name}: a kimi (Block AttnRes) model has no single residual stream, so no "
-                    "hook_resid_*. Patch the whole depth state with "
-                    "attnres_lens.depth_patching.get_act_patch_depth_state, decompose a read with "
-                    "cache.decompose_router(name) / cache.decompose_resid(), or read "
-                    "'{router}.hook_sources'"
-                ) from None
+            name = _hook_name(key)
+            if name is not None and name not in self.model.mod_dict:
+                raise missing_hook_error(name, self.model.cfg.flavour, self.model.cfg.n_layers) from None
             raise
 
     # ------------------------------------------------------------------ routing-aware pieces
@@ -383,6 +378,18 @@ class AttnResActivationCache(ActivationCache):
                 "cache.decompose_resid(apply_ln=True) for per-component terms."
             )
         return super().logit_lens(**kwargs)
+
+
+def _hook_name(key: Any) -> Optional[str]:
+    """The hook name a cache key stands for (TL's ``("resid_pre", 3)`` shorthand included)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, tuple) and key and isinstance(key[0], str):
+        try:
+            return get_act_name(*key)
+        except Exception:  # noqa: BLE001 - not a TL shorthand: leave TL's KeyError as it is
+            return None
+    return None
 
 
 def _slice(pos_slice: Any) -> Slice:
