@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import pandas as pd
@@ -38,7 +39,13 @@ from .components import (
 )
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
-from .refusals import HookDict, missing_hook_error, no_bos_message
+from .refusals import (
+    HookDict,
+    PartialStatePatchWarning,
+    missing_hook_error,
+    no_bos_message,
+    partial_patch_message,
+)
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
 from .selection import copies_of, duplicate_of
 from .sequence import is_right_padded, leading_pad_mask, padded_causal_mask, positions_from_mask
@@ -144,7 +151,7 @@ class AttnResBlock(nn.Module):
         # cumulative: x is a true additive stream; the sublayer reads it through its router.
         x = state.current
         if is_attn:
-            x = self.hook_resid_pre(x)
+            x = self._stream_hook(self.hook_resid_pre, x, has_history=k > 0)
             # A snapshot taken just before (block start; the embedding at layer 0) is the same
             # tensor as x: a hook that replaced x replaces it there too, so patching
             # resid_pre[l] means what patching resid_post[l-1] means.
@@ -152,9 +159,19 @@ class AttnResBlock(nn.Module):
             completed = tuple(x if source is aliased else source for source in state.completed)
             state = DepthState(completed, x)
         x = x + self._sublayer(is_attn, state.sources(), seq)
-        x = self.hook_resid_mid(x) if is_attn else self.hook_resid_post(x)
+        x = self._stream_hook(self.hook_resid_mid if is_attn else self.hook_resid_post, x, has_history=True)
         completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
         return DepthState(completed, x)
+
+    def _stream_hook(self, hook: HookPoint, x: Tensor, has_history: bool) -> Tensor:
+        """Run a ``hook_resid_*`` point; when a hook edits the stream (a new tensor or an
+        in-place write) and older snapshots exist that the edit cannot reach, warn once (per
+        call site) with the depth-state call (``docs/hooks.md``, "Patching the residual")."""
+        version = x._version
+        out = hook(x)
+        if has_history and (out is not x or x._version != version):
+            warnings.warn(partial_patch_message(hook.name or "hook_resid"), PartialStatePatchWarning, stacklevel=2)
+        return out
 
     def _sublayer(self, is_attn: bool, sources: list[Tensor], seq: SequenceContext) -> Tensor:
         if is_attn:

@@ -73,3 +73,19 @@ def no_bos_message(tokenizer_name: str) -> str:
         "token to prepend. Pass prepend_bos=False (the default), or load the checkpoint with a "
         "tokenizer that defines bos_token."
     )
+
+
+class PartialStatePatchWarning(UserWarning):
+    """An edit of the cumulative stream (``hook_resid_*``) that leaves older stream snapshots,
+    which later routers also read, as they were (see :func:`partial_patch_message`)."""
+
+
+def partial_patch_message(hook_name: str) -> str:
+    return (
+        f"{hook_name} was edited. In a cumulative AttnRes model the routers also read older "
+        "snapshots of the stream (the history sources), which an edit of the stream leaves as "
+        "they were: the result is the exact effect of editing the stream x, but TL's invariant "
+        "(patching resid_pre at every position restores the clean run) does not hold. To patch "
+        "everything the later sublayers read, use "
+        "attnres_lens.depth_patching.get_act_patch_depth_state (docs/hooks.md)."
+    )
