@@ -211,8 +211,13 @@ class Attention(nn.Module):
         self.materialize_pattern = False
 
     def _pattern_is_observed(self) -> bool:
+        """Whether to build the pattern: when switched on, when a TL hook is attached, or when
+        a tool has wrapped the hook point's ``forward`` on the instance (nnsight does this to
+        every module it wraps, so ``hook_pattern.output`` is there to read without
+        ``set_materialize_patterns``)."""
+        points = (self.hook_attn_scores, self.hook_pattern)
         return self.materialize_pattern or any(
-            hp.fwd_hooks or hp.bwd_hooks for hp in (self.hook_attn_scores, self.hook_pattern)
+            hp.fwd_hooks or hp.bwd_hooks or "forward" in hp.__dict__ for hp in points
         )
 
     def forward(

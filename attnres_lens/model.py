@@ -361,6 +361,12 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """``blocks`` under the Hugging Face Qwen3 name, for recipes that walk
+        ``model.model.layers[i]`` (nnsight): the same module list, not a second registration."""
+        return self.blocks
+
     # ---------------------------------------------------------------------- routing layout
     @property
     def router_specs(self) -> list[RouterSpec]:
