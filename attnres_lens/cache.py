@@ -26,6 +26,8 @@ attribution whether or not the model was loaded with ``fold_ln``.
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Any, Optional, Union
 
 import torch
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from .compat import ActivationCache, Slice, get_act_name
 from .config import AttnResConfig
-from .refusals import missing_hook_error
+from .refusals import flavour_refusal, missing_hook_error
 from .router import closes_block_before, snapshot_after
 
 EMBEDDING = -1  # the component id of the embedding; sublayer k has id k
@@ -75,10 +77,15 @@ class AttnResActivationCache(ActivationCache):
         try:
             return super().__getitem__(key)
         except KeyError:
-            name = _hook_name(key)
-            if name is not None and name not in self.model.mod_dict:
-                raise missing_hook_error(name, self.model.cfg.flavour, self.model.cfg.n_layers) from None
-            raise
+            name = _hook_name(key) or repr(key)
+            cfg = self.model.cfg
+            if name not in self.model.mod_dict and flavour_refusal(name, cfg.flavour, cfg.n_layers):
+                raise missing_hook_error(name, cfg.flavour, cfg.n_layers) from None
+            close = difflib.get_close_matches(name, [k for k in self.cache_dict if isinstance(k, str)], n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
+                "; its keys are listed by cache.keys()"
+            )
+            raise KeyError(f"{name} is not in the cache{hint}") from None
 
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:

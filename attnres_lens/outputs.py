@@ -41,8 +41,11 @@ def staged_output_dir(out_dir: Union[str, os.PathLike], *, overwrite: bool, flag
     """Yield a fresh temporary directory next to ``out_dir``; when the block succeeds it replaces
     ``out_dir``, when it raises it is removed, so a failed run leaves nothing behind."""
     out = check_output_dir(out_dir, overwrite=overwrite, flag=flag)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:  # named by the user's path, not the temporary one beside it
+        raise type(err)(f"cannot create the output {str(out_dir)!r}: {err.strerror or err}") from None
     try:
         yield staging
         check_output_dir(out, overwrite=overwrite, flag=flag)  # nothing appeared meanwhile

@@ -29,6 +29,15 @@ KIMI_RESID_WAY_OUT = (
 
 def missing_hook_message(name: str, flavour: str, n_layers: Optional[int] = None) -> str:
     """Why ``name`` is not a hook of a ``flavour`` model, and what to use instead."""
+    return flavour_refusal(name, flavour, n_layers) or (
+        f"{name}: no hook point of that name on this {flavour} AttnRes model; model.hook_dict "
+        "lists them (docs/hooks.md has the table)."
+    )
+
+
+def flavour_refusal(name: str, flavour: str, n_layers: Optional[int] = None) -> Optional[str]:
+    """The message for a TL hook that this flavour lacks by design (kimi: the residual stream;
+    cumulative: the final router; both: a positional embedding), else ``None``."""
     if flavour == "kimi" and "resid" in name:
         return (
             f"{name}: a kimi (Block AttnRes) model has no single residual stream, so no "
@@ -42,10 +51,7 @@ def missing_hook_message(name: str, flavour: str, n_layers: Optional[int] = None
         )
     if "pos_embed" in name:
         return f"{name}: this {flavour} AttnRes model has no positional embedding (it uses rotary); use hook_embed."
-    return (
-        f"{name}: no hook point of that name on this {flavour} AttnRes model; model.hook_dict "
-        "lists them (docs/hooks.md has the table)."
-    )
+    return None
 
 
 def missing_hook_error(name: str, flavour: str, n_layers: Optional[int] = None) -> MissingHookError:

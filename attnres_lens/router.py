@@ -11,7 +11,7 @@ Hook points, in the order they fire (editing one changes everything after it):
 
 - ``hook_sources`` ``[batch, pos, source, d_model]``: the stacked ``v_i``; keys *and* values are
   computed from the hooked tensor.
-- ``hook_logits`` ``[batch, pos, source]``: pre-softmax, bias included.
+- ``hook_logits`` ``[batch, pos, source]``: pre-softmax, bias included (fp32 in any dtype).
 - ``hook_weights`` ``[batch, pos, source]``: the routing mass ``alpha``.
 - ``hook_out`` ``[batch, pos, d_model]``: the mixed input of the sublayer.
 
@@ -80,18 +80,21 @@ class DepthRouter(nn.Module):
     def logits(
         self, stacked: Float[Tensor, "batch pos source d_model"]
     ) -> Float[Tensor, "batch pos source"]:
-        """``w . RMSNorm_g(v_i)``, plus the bias on the last source when the router has one."""
+        """``w . RMSNorm_g(v_i)``, plus the bias on the last source when the router has one, in
+        fp32 whatever the sources' dtype."""
         # w . (g * v / rms(v)) == ((w * g) . v) / rms(v): computed this way the normalised keys
         # [batch, pos, source, d_model] are never materialised; only two reductions over the
         # sources are (a dot product and a norm), which keeps routers cheap next to sublayers.
         v = stacked.float()
         query = self.proj.weight[0].float() * self.norm.weight.float()
         mean_square = torch.linalg.vector_norm(v, dim=-1).square() / self.d_model
-        logits = ((v @ query) * torch.rsqrt(mean_square + self.eps)).to(stacked.dtype)
+        # Kept in fp32 (never cast back to the sources' dtype): an fp16 logit above 65504 would
+        # be inf, and the softmax of an inf is NaN.
+        logits = (v @ query) * torch.rsqrt(mean_square + self.eps)
         if self.bias is not None:
             recency = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
             recency[-1] = 1.0
-            logits = logits + recency * self.bias.to(logits.dtype)
+            logits = logits + recency * self.bias.float()
         return logits
 
 

@@ -603,9 +603,11 @@ def _disagreements(
     bad = (significant & ~same_sign) | (error > np.maximum(effect_threshold, 0.5 * np.abs(effect)))
     out = rows.loc[bad, ["name", "mass", "effect", "effect_low", "effect_high", "grad_estimate"]].copy()
     out["error"] = (out["grad_estimate"] - out["effect"]).to_numpy()
+    negligible = np.abs(out["grad_estimate"].to_numpy()) < effect_threshold  # shown as ~0.0000: no sign to differ
     out["why"] = [
-        "sign differs" if (is_significant and not agrees) else "off by more than half"
-        for is_significant, agrees in zip(significant[bad], same_sign[bad])
+        ("estimate ~0 (under the effect threshold)" if small else "sign differs") if (is_significant and not agrees)
+        else "off by more than half"
+        for is_significant, agrees, small in zip(significant[bad], same_sign[bad], negligible)
     ]
     return out.reindex(out["error"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
