@@ -87,9 +87,28 @@ class AttnResActivationCache(ActivationCache):
             )
             raise KeyError(f"{name} is not in the cache{hint}") from None
 
+    #: Set by ``run_with_cache`` when backward hooks were attached during the run (TL's
+    #: attribution-patching recipe records the gradients that way).
+    recorded_with_backward_hooks: bool = False
+
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:
         return self.model.cfg.flavour == "kimi"
+
+    def _routed_stack_for(self, method: str) -> None:
+        """Refuse a kimi stack on a cache recorded for attribution patching: its rows are
+        weighted by routing mass, so (stack of the gradients) x (difference of stacks) is not
+        the attribution TL's recipe computes (``docs/hooks.md``)."""
+        if self.recorded_with_backward_hooks:
+            raise ValueError(
+                f"cache.{method} on a kimi (Block AttnRes) model gives routing-weighted stacks (each "
+                "component times the reading router's mass), and this cache was recorded with "
+                "backward hooks, i.e. for attribution patching: a gradient times a difference of "
+                "weighted stacks is not the attribution. Use the hooks' activations and gradients "
+                "directly (e.g. (grad[f'blocks.{l}.attn.hook_result'] * (clean - corrupted)) per "
+                "head after set_use_attn_result(True), or blocks.{l}.hook_attn_out / hook_mlp_out / "
+                "'{router}.hook_out' per sublayer)."
+            )
 
     def _reading_router(self, layer: Optional[int], mlp_input: bool) -> tuple[int, str, int]:
         """``(layer, router name, step)`` of the router whose output the residual at
@@ -162,6 +181,7 @@ class AttnResActivationCache(ActivationCache):
         ``hook_out``). Cumulative: TL's, over the stream ``x``."""
         if not self._is_routed():
             return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+        self._routed_stack_for("decompose_resid")
         if mode not in ("all", "mlp", "attn"):
             raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
         layer, router, step = self._reading_router(layer, mlp_input)
@@ -195,6 +215,7 @@ class AttnResActivationCache(ActivationCache):
         MLP router, ``final_post`` = the final router). Cumulative: TL's, over the stream."""
         if not self._is_routed():
             return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
+        self._routed_stack_for("accumulated_resid")
         n = self.model.cfg.n_layers
         layer, _, _ = self._reading_router(layer, mlp_input)
         labels, parts = [], []
@@ -234,6 +255,7 @@ class AttnResActivationCache(ActivationCache):
             return super().get_full_resid_decomposition(
                 layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, **kwargs
             )
+        self._routed_stack_for("get_full_resid_decomposition")
         layer, router, step = self._reading_router(layer, mlp_input)
         masses = self.component_masses(router)
         pos_slice = _slice(pos_slice)
@@ -277,6 +299,7 @@ class AttnResActivationCache(ActivationCache):
         router outputs minus the heads. Cumulative: TL's, over the stream."""
         if not self._is_routed():
             return super().stack_head_results(layer, return_labels, incl_remainder, pos_slice, apply_ln)
+        self._routed_stack_for("stack_head_results")
         layer, router, step = self._reading_router(layer, False)
         return self._routed_stack(
             layer, False, router, [k for k in range(0, step, 2)], "head", pos_slice, incl_remainder,
@@ -304,6 +327,7 @@ class AttnResActivationCache(ActivationCache):
             return super().stack_neuron_results(
                 layer, pos_slice, neuron_slice, return_labels, incl_remainder, apply_ln, **kwargs
             )
+        self._routed_stack_for("stack_neuron_results")
         layer, router, step = self._reading_router(layer, mlp_input)
         neurons = [int(n) for n in _slice(neuron_slice).indices(self.model.cfg.d_mlp)]
         stack = self._routed_stack(

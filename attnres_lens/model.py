@@ -267,6 +267,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
                 for what in ("sources", "logits", "weights"):
                     alias = f"blocks.{block.layer}.hook_{sub}_router_{what}"
                     self.hook_aliases[alias] = f"blocks.{block.layer}.{sub}_router.hook_{what}"
+            if self.cfg.flavour == "cumulative":  # TL 4's block names for the stream
+                self.hook_aliases[f"blocks.{block.layer}.hook_in"] = f"blocks.{block.layer}.hook_resid_pre"
+                self.hook_aliases[f"blocks.{block.layer}.hook_out"] = f"blocks.{block.layer}.hook_resid_post"
         for alias, canonical in self.hook_aliases.items():
             self.mod_dict[alias] = self.mod_dict[canonical]
         # A name that is not a hook of this flavour is refused with the one message that
@@ -743,6 +746,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         ``names_filter`` may use the block-level aliases; the cache holds them as keys too
         (same tensors, no copies)."""
         names_filter = self._expand_alias_filter(names_filter)
+        backward_hooks = any(hp.bwd_hooks for hp in self.hook_dict.values())
         out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
         for alias, canonical in self.hook_aliases.items():
             for suffix in ("", "_grad"):
@@ -751,7 +755,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         if not return_cache_object:
             return out, cache_dict
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
-        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache = AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache.recorded_with_backward_hooks = backward_hooks
+        return out, cache
 
     def _expand_alias_filter(self, names_filter: Any) -> Any:
         if names_filter is None:

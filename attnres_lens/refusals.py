@@ -8,6 +8,7 @@ the assumption fails and the call to use instead. The messages live here once, s
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 
@@ -38,7 +39,7 @@ def missing_hook_message(name: str, flavour: str, n_layers: Optional[int] = None
 def flavour_refusal(name: str, flavour: str, n_layers: Optional[int] = None) -> Optional[str]:
     """The message for a TL hook that this flavour lacks by design (kimi: the residual stream;
     cumulative: the final router; both: a positional embedding), else ``None``."""
-    if flavour == "kimi" and "resid" in name:
+    if flavour == "kimi" and ("resid" in name or re.fullmatch(r"blocks\.\d+\.hook_(in|out)", name)):
         return (
             f"{name}: a kimi (Block AttnRes) model has no single residual stream, so no "
             f"hook_resid_* (each sublayer reads its own router's mix of sources). {KIMI_RESID_WAY_OUT}."

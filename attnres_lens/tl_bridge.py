@@ -206,10 +206,13 @@ if UNAVAILABLE_REASON is None:
         def run_with_cache(self, *args: Any, return_cache_object: bool = True, **kwargs: Any) -> Any:
             names = kwargs.get("names_filter")
             self._refuse_unknown_hooks([names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else [])
+            backward_hooks = any(hp.bwd_hooks for hp in self.hook_dict.values())
             out, cache = super().run_with_cache(*args, return_cache_object=return_cache_object, **kwargs)
             if not return_cache_object:
                 return out, cache
-            return out, AttnResActivationCache(cache.cache_dict, self.attnres, has_batch_dim=cache.has_batch_dim)
+            ours = AttnResActivationCache(cache.cache_dict, self.attnres, has_batch_dim=cache.has_batch_dim)
+            ours.recorded_with_backward_hooks = backward_hooks
+            return out, ours
 
         def _set_switch(self, flag: str, value: bool) -> None:
             getattr(self._running_model, f"set_{flag}")(value)  # validates first (e.g. GQA and attn_in)
