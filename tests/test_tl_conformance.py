@@ -55,7 +55,7 @@ PROMPTS = [
 ]
 ANSWERS = [("M", "J"), ("J", "M"), ("T", "S"), ("S", "T")]
 # the patching notebooks' clean/corrupted pair, short (each position is patched on its own)
-PATCH_PROMPTS = ["J, M: J to ", "J, M: M to "]
+PATCH_PROMPTS = ["J M J ", "J M M "]
 
 
 # ============================================================================ fixtures
@@ -65,7 +65,7 @@ class Lab:
 
     def __init__(self, flavour: str, directory: Path):
         self.flavour = flavour
-        source = tiny_attnres(flavour, n_layers=4, n_blocks=2, seed=3, query_scale=1.0, d_vocab=256)
+        source = tiny_attnres(flavour, n_layers=2, n_blocks=2, seed=3, query_scale=1.0, d_vocab=256)
         generator = torch.Generator().manual_seed(5)
         with torch.no_grad():  # norm gains away from 1, so that folding is not a no-op
             for name, param in source.named_parameters():
@@ -81,11 +81,17 @@ class Lab:
         clean, corrupted = tokens_of(PATCH_PROMPTS[:1]), tokens_of(PATCH_PROMPTS[1:2])
         with torch.no_grad():  # the patching metrics' denominator
             self.scale = float(logit_diff(self.ref(clean), answers) - logit_diff(self.ref(corrupted), answers))
+        assert abs(self.scale) > 1e-2, "the patching prompts must separate clean from corrupted"
+
+
+#: The weight processing the notebooks' loading asks for, where it is exact here (TL's default
+#: also centres the writing weights, which RMSNorm models refuse: ``cell_load_processed``).
+PROCESSING = dict(fold_ln=True, center_unembed=True)
 
 
 def load_notebook_model(directory: Path, **processing):
     """The notebooks' model loading, on this TL path (the one line the port changes)."""
-    processing = processing or dict(fold_ln=True, center_unembed=True)
+    processing = processing or PROCESSING
     if PATH == "hooked":  # HookedTransformer.from_pretrained(name) processes weights by default
         return HookedAttnResTransformer.from_pretrained(directory, **processing)
     from transformer_lens.model_bridge import TransformerBridge
@@ -215,8 +221,8 @@ def cell_head_ablation(lab):
         value[:, :, head, :] = 0.0
         return value
 
-    ablated = lab.model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(get_act_name("v", 2), head_ablation_hook)])
-    ref = lab.ref.run_with_hooks(tokens, return_type="loss", fwd_hooks=[("blocks.2.attn.hook_v", head_ablation_hook)])
+    ablated = lab.model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(get_act_name("v", 1), head_ablation_hook)])
+    ref = lab.ref.run_with_hooks(tokens, return_type="loss", fwd_hooks=[("blocks.1.attn.hook_v", head_ablation_hook)])
     assert close(ablated, ref), "ablated loss"
     assert not close(ablated, lab.ref(tokens, return_type="loss"), 1e-7), "the ablation did nothing"
 
@@ -325,7 +331,8 @@ def cell_factored_ov(lab):
     ref = lab.ref
     g1 = ref.blocks[1].ln1.weight  # folded into W_V by fold_ln
     w_u = ref.W_U * ref.ln_final.weight[:, None]
-    w_u = w_u - w_u.mean(-1, keepdim=True)  # center_unembed
+    if PROCESSING.get("center_unembed"):
+        w_u = w_u - w_u.mean(-1, keepdim=True)
     hand = ref.W_E @ ((ref.blocks[1].attn.W_V[0] * g1[:, None]) @ ref.blocks[1].attn.W_O[0]) @ w_u
     assert close(full.AB, hand), "full OV circuit"
     assert close(model.W_U, w_u), "W_U is the folded, centred unembedding"
@@ -519,7 +526,7 @@ def cell_attn_head_out_all_pos(lab):
     _assert_one_head_by_hand(lab, result)
 
 
-def _assert_one_head_by_hand(lab, result, layer=2, head=1):
+def _assert_one_head_by_hand(lab, result, layer=1, head=1):
     corrupted, clean_cache, metric = ap_setup(lab, lab.ref)
 
     def patch(z, hook):
@@ -527,7 +534,7 @@ def _assert_one_head_by_hand(lab, result, layer=2, head=1):
         return z
 
     hand = metric(lab.ref.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)]))
-    assert close_metric(result[layer, head], hand, lab), "L2H1"
+    assert close_metric(result[layer, head], hand, lab), "L1H1"
 
 
 @cell("Activation_Patching_in_TL_Demo", "patching.get_act_patch_block_every (resid_pre, attn_out, mlp_out)")
@@ -576,7 +583,7 @@ def attribution_setup(lab, model):
     metric = lambda logits: (logit_diff(logits, answers) - corr_diff) / (clean_diff - corr_diff)  # noqa: E731
     clean_value, clean_cache, _ = get_cache_fwd_and_bwd(model, clean, metric)
     _, corrupted_cache, corrupted_grad_cache = get_cache_fwd_and_bwd(model, corrupted, metric)
-    assert abs(clean_value - 1.0) < 1e-4, "clean metric is 1"
+    assert abs((clean_value - 1.0) * float(clean_diff - corr_diff)) < 1e-5, "clean metric is 1"
     return clean_cache, corrupted_cache, corrupted_grad_cache
 
 
