@@ -103,10 +103,14 @@ def _assert_html_report(out, summary):
     assert page.count("<script src=") == 0 and page.count("Plotly.newPlot") >= 2 * sum(
         len(entry["groups"]) for entry in summary["models"].values()
     )
+    from attnres_lens.viz.html_report import slug
+
     for name, entry in summary["models"].items():
-        for group in entry["groups"]:
-            slug = "".join(ch if ch.isalnum() else "-" for ch in f"{name} \u00b7 {group}")
-            assert f'<h2 id="{slug}">' in page and f'id="{slug}-figure-1"' in page, slug
+        for group in entry["groups"].values():
+            for kind, path in group["figures"].items():  # the PNG, then its interactive version
+                assert f'data-path="{path}"' in page, path
+                if kind in ("effect", "scatter"):
+                    assert f'id="interactive-{slug(path)}-0"' in page, path
     assert page.count("plotly.js v") == 1  # embedded once: opens offline by double-click
 
 
@@ -169,11 +173,10 @@ def test_console_script_runs_in_a_subprocess(tiny_dirs):
 
 
 # ----------------------------------------------------------------------------- bundled + demo
-def test_demo_writes_the_promised_report(tmp_path, capsys):
-    out = tmp_path / "report"
-    code = main(["demo", "--out", str(out), "--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+def test_demo_writes_the_promised_report(demo_run):
+    # the run (demo --prompts 6 --seq-len 32 --n-boot 40 --quiet) is shared with test_golden.py
+    code, printed, err, out = demo_run
+    assert code == 0, err
     assert "wrapped" in printed and "trained" in printed and "content dependence" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_FIELDS) <= set(summary)

@@ -67,3 +67,105 @@ def test_the_library_sets_no_global_threads(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- structural rows (Q 2)
+def test_a_row_whose_mass_is_fixed_by_construction_is_structural(report, cumulative):
+    """One layer per block: layer 0's attention reads the embedding twice (emb = stream), so its
+    merged row has mass 1 whatever the input. It is marked, said why, and compared with nothing."""
+    import scipy.stats
+
+    from attnres_lens.attribution.mass_effect import STRUCTURAL_ONE_TENSOR
+
+    t = report.table
+    structural = t[t["structural"]]
+    assert list(structural["name"]) == ["L0 attn: [0] emb = stream"]
+    assert structural["mass"].tolist() == pytest.approx([1.0])
+    assert structural["structural_reason"].tolist() == [STRUCTURAL_ONE_TENSOR]
+    assert (t["eligible"] == ~t["structural"]).all()
+    rest = t[~t["structural"]]
+    assert report.rank_correlation["n"] == len(rest)
+    assert report.rank_correlation["spearman"]["estimate"] == pytest.approx(
+        scipy.stats.spearmanr(rest["mass"], rest["abs_effect"]).statistic
+    )
+    assert "L0 attn: [0] emb = stream" not in set(report.flags["name"])
+    assert report.largest["attn"]["largest_mass"] != "L0 attn: [0] emb = stream"
+    text = report.to_markdown()
+    assert "**Structural rows**" in text and f"- L0 attn: [0] emb = stream: mass 1.0000" in text
+    assert STRUCTURAL_ONE_TENSOR in text and "| structural |" in text.replace("  ", " ")
+
+
+def test_unmerged_copies_are_structural_and_merged_streams_are_named_in_family_bands(cumulative):
+    import warnings
+
+    from attnres_lens import mass_vs_effect
+    from attnres_lens.attribution.mass_effect import STRUCTURAL_COPY
+
+    tokens = torch.randint(1, 250, (8, 8), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copies = mass_vs_effect(cumulative, tokens, n_boot=40, merge_duplicates=False)
+        bands = mass_vs_effect(cumulative, tokens, n_boot=40, groups="family_band")
+    t = copies.table
+    structural = t[t["structural"]]
+    assert list(structural["router"]) == ["blocks.0.attn_router"] * 2
+    assert structural["mass"].sum() == pytest.approx(1.0)  # identical keys: a split fixed by the bias alone
+    np.testing.assert_allclose(structural["mass_low"], structural["mass_high"], atol=1e-6)  # the same on every prompt
+    assert set(structural["structural_reason"]) == {STRUCTURAL_COPY}
+    names = list(bands.table["name"])
+    assert "history (+ current copies), attn, late (layers 2)" in names, names
+    assert not any(n.startswith("history (+") and ", mlp," in n for n in names)  # no copies at mlp routers
+
+
+# ----------------------------------------------------------------------------- padding (Q 5)
+PROMPTS = ["ab", "abcdef", "xyz", "hello world"]  # unequal lengths: a batch of them is padded
+
+
+def test_loss_per_token_leaves_pads_out_as_tl_does(kimi):
+    """``model(["ab", "abcdef"], loss_per_token=True)``: each real target's loss is the one the
+    prompt has alone; a pad target's is 0 (TransformerLens' ``lm_cross_entropy_loss``), and the
+    mean counts real targets only."""
+    tokens, mask = kimi.to_tokens(PROMPTS, return_attention_mask=True)
+    assert mask.sum(1).tolist() == [len(p) for p in PROMPTS]  # the mask travels with the tokens
+    per_token = kimi(PROMPTS, return_type="loss", loss_per_token=True)
+    alone = [kimi(p, return_type="loss", loss_per_token=True)[0] for p in PROMPTS]
+    for row, (prompt, own) in enumerate(zip(PROMPTS, alone)):
+        n = len(prompt) - 1
+        torch.testing.assert_close(per_token[row, :n], own, atol=1e-5, rtol=1e-5)
+        assert (per_token[row, n:] == 0).all()  # pad targets
+    mean = kimi(PROMPTS, return_type="loss")
+    expected = torch.cat(alone).mean()
+    torch.testing.assert_close(mean, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_cache_holds_the_unpadded_runs_at_real_positions(kimi):
+    _, cache = kimi.run_with_cache(PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        _, own = kimi.run_with_cache(prompt)
+        for name in ("blocks.1.hook_attn_out", "blocks.1.attn_router.hook_weights", "ln_final.hook_normalized"):
+            torch.testing.assert_close(cache[name][row, : len(prompt)], own[name][0], atol=1e-5, rtol=1e-5)
+
+
+def test_analysis_of_unequal_strings_equals_the_prompts_run_one_by_one(kimi):
+    """Routing statistics, gradients, mass_vs_effect (its sweep and routing mass) and the
+    estimators take a list of strings without padding it (prompts of one length are batched
+    together): their numbers equal those of the prompts given one by one, as token tensors."""
+    import warnings
+
+    from attnres_lens import gradient_attribution, mass_vs_effect, routing_statistics
+    from attnres_lens.attribution.estimate import estimate_effects
+
+    one_by_one = [kimi.to_tokens(p) for p in PROMPTS]
+    stats, own_stats = routing_statistics(kimi, PROMPTS), routing_statistics(kimi, one_by_one)
+    assert stats.n_tokens == sum(len(p) for p in PROMPTS)
+    pd.testing.assert_frame_equal(stats.slices, own_stats.slices, atol=1e-6, rtol=1e-5)
+    grads, own_grads = gradient_attribution(kimi, PROMPTS), gradient_attribution(kimi, one_by_one)
+    pd.testing.assert_frame_equal(grads, own_grads, atol=1e-6, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = mass_vs_effect(kimi, PROMPTS, n_boot=40)
+        own_report = mass_vs_effect(kimi, one_by_one, n_boot=40)
+    for column in ("mass", "effect"):
+        np.testing.assert_allclose(report.table[column], own_report.table[column], atol=1e-6, rtol=1e-5)
+    estimates, own_estimates = estimate_effects(kimi, PROMPTS), estimate_effects(kimi, one_by_one)
+    pd.testing.assert_frame_equal(estimates, own_estimates, atol=1e-6, rtol=1e-4)

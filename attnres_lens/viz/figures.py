@@ -27,7 +27,9 @@ def require_plotly() -> Any:
 
 
 def _heatmap_height(n_rows: int) -> int:
-    return int(min(1400, 160 + 22 * n_rows))
+    """Room for every row (>= 22 px) and, however few rows, for a readable colour bar: a few-row
+    grid (family x band: 5 rows) drawn 270 px high squashed its colour-bar labels together."""
+    return int(min(1400, max(460, 200 + 26 * n_rows)))
 
 
 def plot_routing_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
