@@ -745,3 +745,69 @@ def test_refusals_say_why_and_what_to_use():
     assert is_clear_refusal(ValueError(no_bos_message("x")))
     assert not is_clear_refusal(KeyError("blocks.0.hook_resid_pre"))
     assert not is_clear_refusal(AttributeError("'Linear' object has no attribute 'W_U'"))
+
+
+# ============================================================================ the contract, directly
+def test_fold_ln_really_folds_on_this_path(lab):
+    """Item 4: folding keeps the logits within 1e-5, and the unembedding is our folded W_U (a
+    second processing call changes nothing)."""
+    model = load_notebook_model(lab.directory, fold_ln=True, center_unembed=False)
+    tokens = tokens_of(PROMPTS[:2])
+    with torch.no_grad():
+        assert (model(tokens) - lab.ref(tokens)).abs().max() < 1e-5
+    folded = HookedAttnResTransformer.from_pretrained(lab.directory, fold_ln=True)
+    assert torch.allclose(model.W_U, folded.W_U, atol=1e-6)
+    assert not torch.allclose(model.W_U, lab.ref.W_U, atol=1e-3)  # the gains were not 1
+    if PATH == "bridge":
+        model.process_weights(fold_ln=True, center_unembed=False)
+        with torch.no_grad():
+            assert (model(tokens) - lab.ref(tokens)).abs().max() < 1e-5
+
+
+def test_one_refusal_message_for_a_hook_the_flavour_lacks(lab):
+    """Item 7: run_with_hooks, add_hook, run_with_cache's names_filter and the cache say the same."""
+    name = "blocks.0.hook_resid_pre" if lab.flavour == "kimi" else "final_router.hook_weights"
+    tokens = tokens_of(PROMPTS[:1])
+    messages = set()
+    for model in (lab.ref, lab.model):
+        for attempt in (
+            lambda: model.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook: act)]),
+            lambda: model.add_hook(name, lambda act, hook: act),
+            lambda: model.run_with_cache(tokens, names_filter=[name]),
+            lambda: model.run_with_cache(tokens)[1][name],
+        ):
+            with pytest.raises(KeyError) as caught:
+                attempt()
+            messages.add(str(caught.value))
+        model.reset_hooks()
+    assert len(messages) == 1 and is_clear_refusal(KeyError(messages.pop()))
+
+
+def test_bos_is_refused_without_one_and_prepended_with_one(lab):
+    """Item 5: no BOS, a clear refusal on both paths; a tokenizer with a BOS gets TL's behaviour."""
+    for model in (lab.ref, lab.model):
+        with pytest.raises(ValueError, match="no BOS token"):
+            model.to_tokens("Hi", prepend_bos=True)
+        with pytest.raises(ValueError, match="no BOS token"):
+            model("Hi", prepend_bos=True)
+        assert model.to_tokens("Hi").tolist() == [[72, 105]]  # the default prepends nothing
+    from attnres_lens.tokenizer import ByteTokenizer, hf_byte_tokenizer
+
+    class WithBos(ByteTokenizer):
+        bos_token_id = 1
+
+    with_bos = HookedAttnResTransformer(lab.ref.cfg, tokenizer=WithBos())
+    assert with_bos.to_tokens("Hi", prepend_bos=True).tolist() == [[1, 72, 105]]
+    assert len(hf_byte_tokenizer()) == 256 and hf_byte_tokenizer().bos_token is None
+
+
+def test_weight_views_and_tl_keywords(lab):
+    """Item 6: unembed.W_U / unembed.b_U / embed.W_E are views; TL's keywords never TypeError."""
+    ref = lab.ref
+    assert ref.unembed.W_U.data_ptr() == ref.unembed.weight.data_ptr() and ref.embed.W_E is ref.embed.weight
+    assert torch.equal(ref.unembed.W_U, ref.W_U) and float(ref.unembed.b_U.abs().max()) == 0.0
+    for keyword, error in (("center_writing_weights", "RMSNorm"), ("refactor_factored_attn_matrices", "QK-norm")):
+        with pytest.raises(ValueError, match=error):
+            HookedAttnResTransformer.from_pretrained(lab.directory, **{keyword: True})
+    model = HookedAttnResTransformer.from_pretrained(lab.directory, fold_ln=True, center_unembed=True, fold_value_biases=True)
+    assert float(model.W_U.mean(-1).abs().max()) < 1e-6
