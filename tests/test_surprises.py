@@ -169,3 +169,23 @@ def test_analysis_of_unequal_strings_equals_the_prompts_run_one_by_one(kimi):
         np.testing.assert_allclose(report.table[column], own_report.table[column], atol=1e-6, rtol=1e-5)
     estimates, own_estimates = estimate_effects(kimi, PROMPTS), estimate_effects(kimi, one_by_one)
     pd.testing.assert_frame_equal(estimates, own_estimates, atol=1e-6, rtol=1e-4)
+
+
+def test_a_config_field_of_the_wrong_type_names_the_field_and_the_file(tmp_path, capsys):
+    import json
+    import shutil
+
+    from attnres_lens import HookedAttnResTransformer, bundled
+    from attnres_lens.cli import main
+    from attnres_lens.loading import CheckpointError
+
+    ckpt = tmp_path / "four"
+    shutil.copytree(bundled.model_path(bundled.ATTNRES_MODEL), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "four"}))
+    expected = f"{ckpt / 'config.json'}: num_hidden_layers must be an integer, got 'four'"
+    with pytest.raises(CheckpointError) as err:
+        HookedAttnResTransformer.from_pretrained(ckpt)
+    assert str(err.value) == expected
+    assert main(["inspect", str(ckpt)]) == 1
+    assert capsys.readouterr().err.strip() == f"attnres-lens inspect: error: {expected}"
