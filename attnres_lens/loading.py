@@ -512,6 +512,7 @@ def read_checkpoint(
     dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
     source_files = _open_source(source)
+    check_config_types(source_files.hf, where=_config_path(source))
     fmt = detect_format(
         source_files.hf, source_files.keys,
         flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks,
@@ -602,6 +603,33 @@ def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
     if dtype not in allowed.values():
         raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype}")
     return dtype
+
+
+#: The Qwen3 config.json fields the loader reads as integers / as numbers.
+_INT_FIELDS = ("num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads", "num_hidden_layers",
+               "intermediate_size", "vocab_size", "max_position_embeddings")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "attnres_recency_bias_init")
+
+
+def check_config_types(hf: dict, where: str = "config.json") -> None:
+    """Refuse a config field of the wrong JSON type (``"num_hidden_layers": "four"``), naming
+    the field, its value and the file ``where``."""
+    for key in _INT_FIELDS + _NUMBER_FIELDS:
+        value = hf.get(key)
+        if value is None:
+            continue
+        integer = key in _INT_FIELDS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise CheckpointError(
+                f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}"
+            )
+
+
+def _config_path(source: Any) -> str:
+    """How messages name the config of ``source``: its path when it is a directory."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
+        return str(Path(source) / "config.json")
+    return "config.json"
 
 
 def _resolve_directory(source: Union[str, os.PathLike]) -> Path:

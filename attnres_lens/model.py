@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import pandas as pd
@@ -26,15 +27,26 @@ from .cache import AttnResActivationCache
 from .compat import HookedRootModule, HookPoint
 from .components import (
     Attention,
+    Embed,
     GatedMLP,
+    HeadInputs,
     KVCacheEntry,
     RMSNorm,
     SequenceContext,
+    Unembed,
+    per_head,
     rotary_cos_sin,
 )
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
 from .names import ALIASED_HOOKS, RouterId
+from .refusals import (
+    HookDict,
+    PartialStatePatchWarning,
+    missing_hook_error,
+    no_bos_message,
+    partial_patch_message,
+)
 from .router import DepthRouter, RouterSpec
 from .scheme import RoutingScheme
 from .selection import copies_of, duplicate_of
@@ -115,6 +127,10 @@ class AttnResBlock(nn.Module):
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = GatedMLP(cfg)
         self.hook_attn_in = HookPoint()
+        # TL's split-qkv inputs [batch, pos, head, d_model]; fire with cfg.use_split_qkv_input
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_mlp_in = HookPoint()
         self.hook_mlp_out = HookPoint()
@@ -141,24 +157,51 @@ class AttnResBlock(nn.Module):
         if program.close_block:
             state = state.closed()
         if self.scheme.has_residual_stream and is_attn:
-            state = self._hooked_resid_pre(state)
+            state = self._hooked_resid_pre(state, has_history=k > 0)
         out = self.sublayer(k, state.sources(), seq)
         current = out if state.current is None else state.current + out  # accumulate
         if self.scheme.has_residual_stream:
-            current = self.hook_resid_mid(current) if is_attn else self.hook_resid_post(current)
+            hook = self.hook_resid_mid if is_attn else self.hook_resid_post
+            current = self._stream_hook(hook, current, has_history=True)
         return DepthState(state.completed + ((current,) if program.snapshot else ()), current)
 
-    def _hooked_resid_pre(self, state: DepthState) -> DepthState:
+    def _hooked_resid_pre(self, state: DepthState, has_history: bool) -> DepthState:
         """The stream through ``hook_resid_pre``. A snapshot taken just before (block start; the
         embedding at layer 0) is the same tensor as the stream: a hook that replaced it replaces
         it there too, so patching resid_pre[l] means what patching resid_post[l-1] means."""
-        x = self.hook_resid_pre(state.current)
+        x = self._stream_hook(self.hook_resid_pre, state.current, has_history)
         return DepthState(tuple(x if source is state.current else source for source in state.completed), x)
+
+    def _stream_hook(self, hook: HookPoint, x: Tensor, has_history: bool) -> Tensor:
+        """Run a ``hook_resid_*`` point; when a hook edits the stream (a new tensor or an
+        in-place write) and older snapshots exist that the edit cannot reach, warn once (per
+        call site) with the depth-state call (``docs/hooks.md``, "Patching the residual")."""
+        version = x._version
+        out = hook(x)
+        if has_history and (out is not x or x._version != version):
+            warnings.warn(partial_patch_message(hook.name or "hook_resid"), PartialStatePatchWarning, stacklevel=2)
+        return out
 
     def sublayer(self, k: int, sources: list[Tensor], seq: SequenceContext) -> Tensor:
         """Route ``sources`` into sublayer ``k`` of this layer and run it: its output ``o_k``."""
         router = self.attn_router if k % 2 == 0 else self.mlp_router
         return self.routed_sublayer(k, router(sources), seq)
+
+    def attn_input(self, h: Tensor) -> Union[Tensor, HeadInputs]:
+        """What the attention reads, normed by ``ln1``: ``hook_attn_in`` ``[batch, pos,
+        d_model]``; per head under TL's ``use_split_qkv_input`` (``hook_q_input``/``hook_k_input``/
+        ``hook_v_input``) or ``use_attn_in`` (``hook_attn_in`` ``[batch, pos, head, d_model]``)."""
+        cfg, attn = self.cfg, self.attn
+        if cfg.use_split_qkv_input:
+            return HeadInputs(
+                self.ln1(self.hook_q_input(per_head(h, attn.n_heads))),
+                self.ln1(self.hook_k_input(per_head(h, attn.n_kv))),
+                self.ln1(self.hook_v_input(per_head(h, attn.n_kv))),
+            )
+        if getattr(cfg, "use_attn_in", False):
+            heads = self.ln1(self.hook_attn_in(per_head(h, attn.n_heads)))
+            return HeadInputs(heads, heads, heads)
+        return self.ln1(self.hook_attn_in(h))
 
     def routed_sublayer(self, k: int, h: Tensor, seq: SequenceContext) -> Tensor:
         """Sublayer ``k`` from its routed input ``h`` (what the router's ``hook_out`` holds):
@@ -166,7 +209,7 @@ class AttnResBlock(nn.Module):
         the estimators (which reroute under an intervention) both run sublayers through here."""
         if k % 2 == 0:
             kv = seq.kv_cache[self.layer] if seq.kv_cache is not None else None
-            return self.hook_attn_out(self.attn(self.ln1(self.hook_attn_in(h)), seq.cos, seq.sin, seq.attn_mask, kv))
+            return self.hook_attn_out(self.attn(self.attn_input(h), seq.cos, seq.sin, seq.attn_mask, kv))
         return self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(h))))
 
 
@@ -196,14 +239,14 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             raise TypeError(f"cfg must be an AttnResConfig or a dict, got {type(cfg).__name__}")
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(AttnResBlock(cfg, layer) for layer in range(cfg.n_layers))
         #: The routing layout (:mod:`attnres_lens.scheme`): the one place it is stated.
         self.scheme: RoutingScheme = cfg.scheme
         self.final_router = new_router(cfg) if self.scheme.has_final_router else None
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         #: How the routing was set when a plain Qwen3 was wrapped (see ``attnres_lens.loading``).
@@ -230,8 +273,16 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             if spec.sublayer != "final":
                 for what in ALIASED_HOOKS:
                     self.hook_aliases[spec.id.alias(what)] = spec.id.hook(what)
+        if self.scheme.has_residual_stream:  # TL 4's block names for the stream
+            for block in self.blocks:
+                self.hook_aliases[f"blocks.{block.layer}.hook_in"] = f"blocks.{block.layer}.hook_resid_pre"
+                self.hook_aliases[f"blocks.{block.layer}.hook_out"] = f"blocks.{block.layer}.hook_resid_post"
         for alias, canonical in self.hook_aliases.items():
             self.mod_dict[alias] = self.mod_dict[canonical]
+        # A name that is not a hook of this flavour is refused with the one message that
+        # run_with_hooks, add_hook, the cache and the bridge share (attnres_lens.refusals).
+        self.mod_dict = HookDict(self.mod_dict, self.cfg.flavour, self.cfg.n_layers)
+        self.hook_dict = HookDict(self.hook_dict, self.cfg.flavour, self.cfg.n_layers)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -264,6 +315,10 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         device: Optional[Union[str, torch.device]] = None,
         tokenizer: Any = None,
         fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
     ) -> "HookedAttnResTransformer":
         """Load a checkpoint, or wrap a vanilla Qwen3.
 
@@ -281,10 +336,18 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         - a checkpoint written by :meth:`save_pretrained`, schedule included.
 
         ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
-        ``fold_ln=True`` folds the RMSNorm gains into the weights that read them (see
-        :meth:`process_weights_`).
+        TransformerLens' weight-processing keywords (``fold_ln``, ``center_writing_weights``,
+        ``center_unembed``, ``fold_value_biases``, ``refactor_factored_attn_matrices``; all off
+        by default) are applied where exact and otherwise refused with ``ValueError`` before
+        anything is read (see :meth:`process_weights_`).
         """
         from .loading import read_checkpoint
+
+        processing = dict(
+            fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+        cls.check_weight_processing(**processing)
 
         model = read_checkpoint(
             source,
@@ -296,8 +359,8 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             device=device,
             tokenizer=tokenizer,
         ).into(cls)
-        if fold_ln:
-            model.process_weights_(fold_ln=True)
+        if any(processing.values()):
+            model.process_weights_(**processing)
         return model
 
     def save_pretrained(self, directory: Any, *, max_shard_size: Union[int, str, None] = None) -> Any:
@@ -307,6 +370,12 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         from .loading import save_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """``blocks`` under the Hugging Face Qwen3 name, for recipes that walk
+        ``model.model.layers[i]`` (nnsight): the same module list, not a second registration."""
+        return self.blocks
 
     # ---------------------------------------------------------------------- routing layout
     @property
@@ -691,6 +760,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         ``names_filter`` may use the block-level aliases; the cache holds them as keys too
         (same tensors, no copies)."""
         names_filter = self._expand_alias_filter(names_filter)
+        backward_hooks = any(hp.bwd_hooks for hp in self.hook_dict.values())
         out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
         for alias, canonical in self.hook_aliases.items():
             for suffix in ("", "_grad"):
@@ -699,7 +769,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         if not return_cache_object:
             return out, cache_dict
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
-        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache = AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache.recorded_with_backward_hooks = backward_hooks
+        return out, cache
 
     def _expand_alias_filter(self, names_filter: Any) -> Any:
         if names_filter is None:
@@ -710,7 +782,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         if isinstance(names_filter, (list, tuple)):
             unknown = [n for n in names_filter if n not in self.mod_dict]
             if unknown:
-                raise KeyError(f"unknown hook names in names_filter: {unknown}")
+                raise missing_hook_error(unknown[0], self.cfg.flavour, self.cfg.n_layers)
             return [self.hook_aliases.get(n, n) for n in names_filter]
         if callable(names_filter):
             user_filter = names_filter
@@ -718,6 +790,41 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
                 name in canonical_to_alias and bool(user_filter(canonical_to_alias[name]))
             )
         raise ValueError("names_filter must be None, a string, a list of strings, or a function")
+
+    # ---------------------------------------------------------------------- TL's hook switches
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TL's switch: ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` fires with
+        each head's write ``z_h @ W_O[h]``, and the heads sum to ``hook_attn_out``."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TL's switch: each head reads its own copy of the routed input, hooked as
+        ``blocks.{l}.hook_q_input`` ``[batch, pos, head, d_model]`` and ``hook_k_input``/
+        ``hook_v_input`` ``[batch, pos, kv_head, d_model]`` (before ``ln1``, as TL)."""
+        if use_split_qkv_input and getattr(self.cfg, "use_attn_in", False):
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive: call set_use_attn_in(False) first")
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TL's switch: ``blocks.{l}.hook_attn_in`` fires per head, ``[batch, pos, head,
+        d_model]`` (each head's copy of the routed input, before ``ln1``). Refused on
+        grouped-query models, whose key/value heads are shared by several query heads (use
+        :meth:`set_use_split_qkv_input`)."""
+        if use_attn_in and self.cfg.use_split_qkv_input:
+            raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive: call set_use_split_qkv_input(False) first")
+        if use_attn_in and self.cfg.n_key_value_heads not in (None, self.cfg.n_heads):
+            raise ValueError(
+                f"use_attn_in needs one input per head, and this grouped-query model shares each of its "
+                f"{self.cfg.n_key_value_heads} key/value heads between {self.cfg.n_heads // self.cfg.n_key_value_heads} "
+                "query heads; use set_use_split_qkv_input(True) (hook_q_input per query head, "
+                "hook_k_input/hook_v_input per key/value head)"
+            )
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """TL's switch for ``blocks.{l}.hook_mlp_in``. That hook (the routed MLP input, before
+        ``ln2``) always fires here, so this only records the setting."""
+        self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
 
     def set_materialize_patterns(self, on: bool = True) -> None:
         """Build every attention pattern (``attn.hook_pattern``/``hook_attn_scores``) even when
@@ -767,6 +874,8 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         bos = getattr(self.tokenizer, "bos_token_id", None)
+        if prepend_bos and bos is None:
+            raise ValueError(no_bos_message(getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)))
         seqs = []
         for text in texts:
             ids = list(self._encode(text))

@@ -248,6 +248,15 @@ FLAVOURS: tuple[str, ...] = tuple(dict.fromkeys(flavour for flavour, _ in SCHEME
 ROUTING_MODES: tuple[str, ...] = tuple(dict.fromkeys(mode for _, mode in SCHEMES))
 
 
+def flavour_facts(flavour: str) -> type[RoutingScheme]:
+    """The facts every layout of ``flavour`` shares (``has_final_router``, ``has_residual_stream``,
+    ...), as its base class; ``ValueError`` naming the flavours."""
+    bases = {cls.flavour: cls.__mro__[1] for cls in SCHEMES.values()}
+    if flavour not in bases:
+        raise ValueError(f"unknown flavour {flavour!r}; flavours: {FLAVOURS}")
+    return bases[flavour]
+
+
 def scheme_class(flavour: str, routing_mode: str) -> type[RoutingScheme]:
     """The layout class of ``(flavour, routing_mode)``; ``ValueError`` naming the valid pairs."""
     if (flavour, routing_mode) not in SCHEMES:

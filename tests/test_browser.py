@@ -157,6 +157,29 @@ def test_explorer_snapshot_in_chromium(driver, model, tmp_path):
     _not_blank(driver, tmp_path / "explorer.png")
 
 
+def test_circuit_figure_in_chromium(driver, model, tmp_path):
+    from attnres_lens.circuits import Circuit, DepthGraph, circuit_figure, score_edges
+
+    clean = torch.randint(1, 250, (4, 8), generator=torch.Generator().manual_seed(2))
+    corrupt = torch.randint(1, 250, (4, 8), generator=torch.Generator().manual_seed(3))
+    graph = DepthGraph.from_model(model)
+    scores = score_edges(model, clean, corrupt, graph=graph)
+    path = tmp_path / "circuit.html"
+    circuit_figure(graph, scores, Circuit.of(scores.top(3)), path=path)
+    log = _open(driver, path, n_plots=1)
+    assert _errors(log) == [], f"JavaScript errors: {_errors(log)}"
+    div = driver.execute_script("return document.querySelector('.js-plotly-plot').id")
+    top = scores.keys.index(scores.ranking()[0])
+    edge = graph.routing_edges[top]
+    from attnres_lens.circuits.figure import node_positions
+
+    xy = node_positions(graph)
+    mid_x, mid_y = (xy[edge.src][0] + xy[edge.dst][0]) / 2, (xy[edge.src][1] + xy[edge.dst][1]) / 2
+    text = _hover(driver, div, mid_y, mid_x)
+    assert edge.id in text and f"effect: {scores.score[top]:+.4f}" in text and "in circuit: yes" in text
+    _not_blank(driver, tmp_path / "circuit.png")
+
+
 # ----------------------------------------------------------------------------- report.html = report.md + more (issue 25 Q 3)
 @pytest.fixture(scope="module")
 def protocol_report(model, tmp_path_factory):

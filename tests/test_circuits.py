@@ -14,6 +14,7 @@ from attnres_lens.attribution.estimate import estimate_effects
 from attnres_lens.cache import source_members
 from attnres_lens.circuits import (
     Ablation,
+    EdgeEffects,
     Circuit,
     DepthGraph,
     circuit_ablated,
@@ -383,3 +384,32 @@ def test_path_patching_of_a_head_and_bad_routes(kimi):
     with pytest.raises(ValueError, match="starts at the embedding, a sublayer or a head"):
         path_patch(kimi, clean, corrupt, ["src[-1]", "final_router", "logits"])
     assert no_hooks_left(kimi)
+
+
+# ============================================================================ the figure
+def test_circuit_figure_shows_scores_mass_and_the_circuit(model, tmp_path):
+    pytest.importorskip("plotly")
+    from attnres_lens.circuits import circuit_figure
+
+    clean, corrupt = prompts(4)
+    graph = DepthGraph.from_model(model)
+    scores = score_edges(model, clean, corrupt, graph=graph)
+    circuit = Circuit.of(scores.top(3))
+    fig = circuit_figure(graph, scores, circuit, path=tmp_path / "c.html")
+    hover = next(t for t in fig.data if t.name == "routing edges")
+    assert list(hover.customdata) == list(scores.keys)
+    np.testing.assert_allclose(hover.marker.color, scores.score)
+    assert hover.marker.cmin == -np.abs(scores.score).max()
+    top = scores.keys.index(scores.ranking()[0])
+    assert f"mass: {scores.mass[top].mean():.3f}" in hover.text[top]
+    assert f"effect: {scores.score[top]:+.4f}" in hover.text[top] and "in circuit: yes" in hover.text[top]
+    lines = {t.name: t for t in fig.data if t.name in scores.keys}
+    assert {k for k, t in lines.items() if t.line.dash == "solid"} == set(circuit.edges)
+    widths = np.array([lines[k].line.width for k in scores.keys])
+    assert widths[top] == widths.max()
+    html = (tmp_path / "c.html").read_text()
+    assert '<script src="http' not in html and len(html) > 1_000_000  # plotly.js embedded: opens offline
+    with pytest.raises(ValueError, match="must end in .html"):
+        circuit_figure(graph, scores, path=tmp_path / "c.png")
+    with pytest.raises(ValueError, match="one row per routing edge"):
+        circuit_figure(graph, EdgeEffects(scores.keys[:2], scores.effect[:2], scores.mass[:2], scores.clean, "x", "y"))

@@ -12,6 +12,7 @@ from .ablation import ABLATIONS, Ablation
 from .circuit import Circuit, circuit_ablated
 from .discover import DISCOVERY_METHODS, FaithfulnessCurve, discover
 from .effects import EdgeEffects
+from .figure import circuit_figure
 from .faithfulness import Faithfulness, faithfulness
 from .graph import DepthGraph, Edge, Node
 from .scoring import METHODS, score_edges
@@ -29,6 +30,7 @@ __all__ = [
     "METHODS",
     "Node",
     "circuit_ablated",
+    "circuit_figure",
     "discover",
     "faithfulness",
     "score_edges",
