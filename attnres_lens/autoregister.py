@@ -24,7 +24,8 @@ import sys
 import warnings
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from .names import HF_ARCHITECTURE as ARCHITECTURE
 

@@ -26,6 +26,8 @@ attribution whether or not the model was loaded with ``fold_ln``.
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Any, Optional, Union
 
 import torch
@@ -83,7 +85,11 @@ class AttnResActivationCache(ActivationCache):
                     "cache.decompose_router(name) / cache.decompose_resid(), or read "
                     "'{router}.hook_sources'"
                 ) from None
-            raise
+            close = difflib.get_close_matches(name, [k for k in self.cache_dict if isinstance(k, str)], n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
+                "; its keys are listed by cache.keys()"
+            )
+            raise KeyError(f"{name} is not in the cache{hint}") from None
 
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -24,11 +25,17 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+from .bootstrap_limits import min_prompts_for_bootstrap, min_resamples_for_bootstrap
+
 PROG = "attnres-lens"
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
+
+
+class UsageError(Exception):
+    """A bad command line: printed as one line with the subcommand's usage hint, exit code 2."""
 
 
 # ============================================================================ helpers
@@ -64,14 +71,23 @@ _float = _number(float, what="a number")
 #: More bootstrap resamples do not sharpen a 95% interval, and every resample costs memory
 #: (one float per slice): 100,000 is far beyond what any interval needs.
 MAX_BOOT = 100_000
-_boot_count = _number(int, 1, highest=MAX_BOOT, what=f"a positive integer of at most {MAX_BOOT:,}")
+#: The CLI's intervals are 95% CIs: the fewest resamples and prompts they can rest on.
+MIN_BOOT = min_resamples_for_bootstrap(0.95)
+MIN_PROMPTS = min_prompts_for_bootstrap(0.95)
+_boot_count = _number(
+    int, MIN_BOOT, highest=MAX_BOOT,
+    what=f"a number of resamples from {MIN_BOOT} (each tail of a 95% CI needs one) to {MAX_BOOT:,}",
+)
+_prompt_count = _number(
+    int, MIN_PROMPTS, what=f"at least {MIN_PROMPTS} prompts (with fewer, a 95% bootstrap CI is just the data range)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``PROG CMD: error: MESSAGE (see PROG CMD --help)``."""
 
     def error(self, message: str) -> Any:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -454,9 +470,9 @@ def _add_protocol_options(p: argparse.ArgumentParser, *, out_default: str, threa
     p.add_argument("--groups", nargs="+", choices=_GROUPS, default=["slice", "family_band"], help="groupings to report")
     p.add_argument("--bands", nargs="+", type=_bands, metavar="NAME=LAYERS", help="depth bands (default: early/late halves)")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per forward pass (default: all at once)")
-    p.add_argument("--prompts", type=_positive_int, metavar="N", default=32, help="number of prompts (evenly spaced windows of the text)")
+    p.add_argument("--prompts", type=_prompt_count, metavar="N", default=32, help="number of prompts (evenly spaced windows of the text)")
     p.add_argument("--seq-len", type=_positive_int, metavar="N", default=128, help="tokens per prompt (at most the model's context)")
-    p.add_argument("--n-boot", type=_boot_count, metavar="N", default=200, help=f"bootstrap resamples (at most {MAX_BOOT:,})")
+    p.add_argument("--n-boot", type=_boot_count, metavar="N", default=200, help=f"bootstrap resamples ({MIN_BOOT} to {MAX_BOOT:,})")
     p.add_argument("--seed", type=_nonneg_int, metavar="N", default=0, help="bootstrap seed")
     p.add_argument(
         "--threads",
@@ -617,7 +633,7 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
 
     t0 = time.perf_counter()
     _set_threads(args)
-    texts = _read_texts(args.text)
+    texts = args.texts if hasattr(args, "texts") else _read_texts(args.text)
     _check_protocol_args(args, _layer_count(args.source))
     model = _load_source(args)
     if isinstance(model.tokenizer, NoTokenizer):
@@ -635,18 +651,32 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
         f"{model.cfg.flavour} AttnRes, "
         + ("learned routing" if not model.schedule.is_scheduled else f"wrapped ({model.schedule.kind} schedule)")
     )
-    result = run_protocol(
-        [Subject("model", model, description=description, source=str(args.source))],
-        tokens,
-        args.out,
-        command="attnres-lens probe",
-        data={"source": ", ".join(args.text)},
-        title=f"Routing probe: {args.source}",
-        checkpoint_dir=_checkpoint_dir(args.out),
-        **_protocol_kwargs(args),
-    )
+    checkpoints = _checkpoint_dir(args.out)
+    try:
+        result = run_protocol(
+            [Subject("model", model, description=description, source=str(args.source))],
+            tokens,
+            args.out,
+            command="attnres-lens probe",
+            data={"source": ", ".join(args.text)},
+            title=f"Routing probe: {args.source}",
+            checkpoint_dir=checkpoints,
+            **_protocol_kwargs(args),
+        )
+    except KeyboardInterrupt:  # the one failure a rerun resumes: the finished units stay
+        if distributed.is_writer() and checkpoints.is_dir():
+            print(
+                f"{PROG} probe: the finished units are kept in {checkpoints}: rerun the same command "
+                "to resume from them (delete that directory to start over)",
+                file=sys.stderr,
+            )
+        raise
+    except BaseException:  # a rerun would fail the same way: a failed run leaves nothing behind
+        if distributed.is_writer():
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
     if distributed.is_writer():  # the report is complete: the unit records have served
-        shutil.rmtree(_checkpoint_dir(args.out), ignore_errors=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         _finish(result, args, time.perf_counter() - t0)
     return 0
 
@@ -693,6 +723,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ============================================================================ checks before torch
+# Everything a command line can be refused for without torch is checked here, before any heavy
+# import (seconds) and before a model is loaded: a wrong path fails in a fraction of a second.
+def _check_source(source: str) -> None:
+    from .paths import local_checkpoint
+
+    local_checkpoint(source)
+
+
+def _check_tokenizer_dir(args: argparse.Namespace) -> None:
+    directory = getattr(args, "tokenizer", None)
+    if directory is not None and not Path(directory).expanduser().is_dir():
+        raise CLIError(f"--tokenizer: a tokenizer is a local directory holding a Hugging Face tokenizer, got {directory!r}")
+
+
+def _check_output(out: str, *, overwrite: bool, flag: str = "--overwrite") -> None:
+    from .outputs import check_output_dir
+    from .paths import check_creatable
+
+    check_output_dir(out, overwrite=overwrite, flag=flag)
+    check_creatable(out, what="--out")
+
+
+def _precheck_probe(args: argparse.Namespace) -> None:
+    _check_source(args.source)
+    _check_tokenizer_dir(args)
+    args.texts = _read_texts(args.text)
+    _check_output(args.out, overwrite=args.overwrite)
+    checkpoints = _checkpoint_dir(args.out)
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise CLIError(f"{checkpoints} (where probe records finished units) is a file; move it away")
+
+
+def _precheck_demo(args: argparse.Namespace) -> None:
+    _check_output(args.out, overwrite=args.overwrite)
+
+
+def _precheck_inspect(args: argparse.Namespace) -> None:
+    _check_source(args.source)
+    _check_tokenizer_dir(args)
+
+
+def _precheck_train(args: argparse.Namespace) -> None:
+    for flag, paths in (("--data", args.data), ("--eval-data", args.eval_data)):
+        for raw in paths or ():
+            if not Path(raw).expanduser().exists():
+                raise CLIError(f"{flag}: {raw} does not exist")
+    _check_tokenizer_dir(args)
+    if args.resume is not None:
+        if not Path(args.resume).expanduser().exists():
+            raise CLIError(f"--resume: {args.resume} does not exist")
+        return  # the run directory is the saved run's
+    from .train_config import TrainConfig
+
+    _check_output(args.out_dir or TrainConfig().out_dir, overwrite=args.overwrite)
+
+
+_PRECHECKS = {"probe": _precheck_probe, "demo": _precheck_demo, "inspect": _precheck_inspect, "train": _precheck_train}
+
+
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -718,18 +808,24 @@ _SUBCOMMANDS = [_add_demo, _add_probe, _add_inspect, _add_train]
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version and argument errors
+    except UsageError as err:
+        print(_swallowed_source(argv, str(err)) or err, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
         commands = ", ".join(add.__name__.removeprefix("_add_") for add in _SUBCOMMANDS)
         print(f"{PROG}: error: give a command ({commands}; see {PROG} --help)", file=sys.stderr)
         return 2
     if os.environ.get("ATTNRES_LENS_DEBUG"):
+        _PRECHECKS[args.command](args)
         return int(args.func(args) or 0)
     try:
+        _PRECHECKS[args.command](args)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
         return code
@@ -744,6 +840,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = f"{exc.strerror or 'not found'}: {exc.filename}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _swallowed_source(argv: Sequence[str], error: str) -> Optional[str]:
+    """``probe --text notes.txt my-ckpt``: ``--text`` takes every file after it, the checkpoint
+    too. The message says so (the one argparse gives is "required: SOURCE")."""
+    if not argv or argv[0] != "probe" or "--text" not in argv or "required: SOURCE" not in error:
+        return None
+    after = list(itertools.takewhile(lambda a: not a.startswith("-"), argv[argv.index("--text") + 1 :]))
+    taken = [a for a in after if Path(a).expanduser().is_dir()]
+    if not taken:
+        return None
+    source = taken[-1]
+    files = " ".join(a for a in after if a != source)
+    return (
+        f"{PROG} probe: error: --text took the checkpoint {source!r} as a text file (it takes every "
+        f"path after it): put SOURCE first, `{PROG} probe {source} --text {files}` (see {PROG} probe --help)"
+    )
 
 
 def _quiet_broken_pipe() -> int:

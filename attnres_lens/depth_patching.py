@@ -11,7 +11,7 @@ flavours get TL's "patch the residual here" meaning.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .config import AttnResConfig, RoutingSchedule
 from .names import LIBRARY_KEY
 from .outputs import honour_umask
+from .paths import local_checkpoint
 from .tokenizer import N_BYTES, ByteTokenizer
 
 if TYPE_CHECKING:  # annotations only: loading never imports the model
@@ -599,14 +600,10 @@ def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
 
 
 def _resolve_directory(source: Union[str, os.PathLike]) -> Path:
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path = local_checkpoint(source)
+    if path is not None:
         return path
-    if path.exists():
-        raise NotADirectoryError(f"{str(source)!r} is a file; pass the checkpoint directory")
     name = str(source)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name!r} is neither a local directory nor a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
 
     try:

@@ -763,9 +763,13 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             if truncate:
                 ids = ids[: self.cfg.n_ctx]
             seqs.append(ids)
+        empty = [i for i, ids in enumerate(seqs) if not ids]
+        if empty:
+            which = f"the string {texts[0]!r}" if isinstance(input, str) else (
+                f"input[{empty[0]}] ({texts[empty[0]]!r})" + (f" and {len(empty) - 1} more" if len(empty) > 1 else "")
+            )
+            raise ValueError(f"{which} tokenises to zero tokens; every prompt needs at least one token")
         width = max(len(s) for s in seqs)
-        if width == 0:
-            raise ValueError("input tokenises to zero tokens")
         tokens = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, ids in enumerate(seqs):

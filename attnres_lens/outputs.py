@@ -103,8 +103,13 @@ def output_lock(out_dir: PathArg) -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _acquire(path, out_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = _acquire(path, out_dir)
+    except OutputLockedError:
+        raise
+    except OSError as err:  # named by the user's path, not the lock file beside it
+        raise type(err)(f"cannot create the output {str(out_dir)!r}: {err.strerror or err}") from None
     _HELD[key] = [handle, 1]
     try:
         yield path
@@ -257,7 +262,10 @@ def staged_output_dir(out_dir: PathArg, *, overwrite: bool, flag: str = "overwri
         remove_stale(out)
         remove_stale_siblings(out)
         inside = out.is_dir()
-        staging = new_staging(out) if inside else new_staging(out.parent, f"{out.name}-")
+        try:
+            staging = new_staging(out) if inside else new_staging(out.parent, f"{out.name}-")
+        except OSError as err:  # named by the user's path, not the temporary one
+            raise type(err)(f"cannot create the output {str(out_dir)!r}: {err.strerror or err}") from None
         try:
             yield staging
             check_output_dir(out, overwrite=overwrite, flag=flag)  # nothing appeared meanwhile

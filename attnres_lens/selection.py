@@ -638,9 +638,22 @@ def _merge_unit(unit: SweepUnit, duplicates: Mapping[str, Sequence[Optional[int]
             unit.label = labels[0]
         elif isinstance(where, Family):
             unit.label = f"{where.family}: {labels[0]}"
+        elif families is not None:  # a family x band row that took in copies of another family's source
+            unit.label = _with_copies_label(unit.label, families, merged)
         unit.where = Group(slices=tuple(slice_pairs(merged)), label=unit.label)
         unit.touched = merged
     return True
+
+
+def _with_copies_label(label: str, families: Sequence[str], merged: Touched) -> str:
+    """``"history (+ current copies), attn, early (layers 0-1)"``: the row also holds sources of
+    other families that are copies of its own (the current stream where it is the newest
+    snapshot, ``"after block 0 = stream"``)."""
+    extra = sorted({spec.sources[i].family for spec, sources in merged for i in sources} - set(families))
+    if not extra:
+        return label
+    head, sep, rest = label.partition(", ")
+    return f"{head} (+ {' and '.join(extra)} copies){sep}{rest}"
 
 
 def _copies_label(spec: RouterSpec, sources: Sequence[int], duplicates: Sequence[Optional[int]]) -> str:

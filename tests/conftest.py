@@ -65,3 +65,15 @@ def report(cumulative):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return mass_vs_effect(cumulative, tokens, n_boot=40, gradient=True)
+
+
+# ============================================================================ the demo, run once
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``attnres-lens demo`` with ``golden_numbers.DEMO_ARGS``, run once for the session:
+    ``(exit code, stdout, stderr, out_dir)``; tests/test_cli.py checks its report and
+    tests/test_golden.py its numbers."""
+    from golden_numbers import run_demo_cli
+
+    out = tmp_path_factory.mktemp("demo") / "report"
+    return (*run_demo_cli(out), out)

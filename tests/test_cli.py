@@ -127,16 +127,16 @@ def test_probe_wrapped_vanilla_checks_its_schedule(tiny_dirs, tmp_path, capsys):
     [
         (["probe", "DIR"], 2, "--text"),
         (["probe", "DIR", "--text", "TEXT", "--mode", "explode"], 2, "invalid choice"),
-        (["probe", "DIR", "--text", "TEXT", "--prompts", "0"], 2, "positive integer"),
+        (["probe", "DIR", "--text", "TEXT", "--prompts", "0"], 2, "expected at least 4 prompts"),
         (["probe", "DIR", "--text", "TEXT", "--bands", "early"], 2, "NAME=LAYERS"),
         (["probe", "DIR", "--text", "/no/such/file.txt"], 1, "is not a file"),
-        (["probe", "DIR", "--text", "TEXT", "--prompts", "2"], 1, "too few prompts"),
+        (["probe", "DIR", "--text", "TEXT", "--prompts", "2"], 2, "expected at least 4 prompts"),
         (["probe", "/no/such/dir", "--text", "TEXT"], 1, "/no/such/dir"),
         (["probe", "QWEN", "--text", "TEXT"], 1, "must be wrapped"),
         (["probe", "QWEN", "--text", "TEXT", "--flavour", "cumulative"], 1, "--recency-bias"),
         (["inspect"], 2, "SOURCE"),
         (["inspect", "/no/such/dir"], 1, "/no/such/dir"),
-        (["demo", "--n-boot", "x"], 2, "positive integer"),
+        (["demo", "--n-boot", "x"], 2, "expected a number of resamples from 40"),
         (["nonsense"], 2, "invalid choice"),
         ([], 2, "give a command"),
     ],
@@ -169,11 +169,10 @@ def test_console_script_runs_in_a_subprocess(tiny_dirs):
 
 
 # ----------------------------------------------------------------------------- bundled + demo
-def test_demo_writes_the_promised_report(tmp_path, capsys):
-    out = tmp_path / "report"
-    code = main(["demo", "--out", str(out), "--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+def test_demo_writes_the_promised_report(demo_run):
+    # the run (demo --prompts 6 --seq-len 32 --n-boot 40 --quiet) is shared with test_golden.py
+    code, printed, err, out = demo_run
+    assert code == 0, err
     assert "wrapped" in printed and "trained" in printed and "content dependence" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_FIELDS) <= set(summary)
@@ -292,13 +291,14 @@ PROBE_FAST = ["--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--groups",
 @pytest.mark.parametrize(
     "extra, code, needle",
     [
-        (["--prompts", "2"], 1, "too few prompts"),
+        (["--prompts", "2"], 2, "--prompts: expected at least 4 prompts (with fewer, a 95% bootstrap CI is just the data range), got 2"),
         (["--groups", "family_band", "--bands", "early=0,1", "late=5"], 1,
          "--bands early=0-1 late=5: band 'late': layer 5 out of range; the model's layers are 0..2"),
         (["--groups", "family_band", "--bands", "early=0,1", "late=1,2"], 1,
          "--bands early=0-1 late=1-2: layer 1 is in two bands: 'early' and 'late'; bands may not overlap"),
         (["--groups", "family_band", "--bands", "a=0", "a=1"], 1, "each band name once"),
-        (["--n-boot", "100000000"], 2, "a positive integer of at most 100,000, got 100000000"),
+        (["--n-boot", "100000000"], 2, "a number of resamples from 40 (each tail of a 95% CI needs one) to 100,000, got 100000000"),
+        (["--n-boot", "10"], 2, "a number of resamples from 40 (each tail of a 95% CI needs one) to 100,000, got 10"),
     ],
 )
 def test_failed_probes_leave_nothing_behind(tiny_dirs, tmp_path, capsys, extra, code, needle):
@@ -324,8 +324,10 @@ def test_arguments_are_checked_before_the_model_is_loaded(tiny_dirs, tmp_path, c
 
 
 def test_an_error_after_the_progress_bar_starts_is_on_a_fresh_line(tiny_dirs, tmp_path, capsys):
-    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(tmp_path / "out"),
-            "--prompts", "2", "--seq-len", "32"]  # refused by mass_vs_effect, after the loss step
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:100])  # 3 windows of 32 tokens: too few prompts, known only once tokenised
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(short), "--out", str(tmp_path / "out"),
+            "--prompts", "6", "--seq-len", "32"]  # refused by mass_vs_effect, after the loss step
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "attnres-lens" in err  # the bar was drawn (its description)
@@ -360,3 +362,91 @@ def test_a_nonempty_out_is_refused_unless_overwrite_replaces_it(tiny_dirs, tmp_p
     names = {p.name for p in out.iterdir()}
     assert "model_family_band_mass.png" not in names and {"report.md", "summary.json", "figures"} <= names
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # a normal directory, not mkdtemp's private one
+
+
+# ----------------------------------------------------------------------------- fail fast (issue 25 Q 4)
+_BEFORE_TORCH = """
+import json, sys
+from attnres_lens.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    results.append([code, "torch" in sys.modules])
+print(json.dumps(results))
+"""
+
+
+def test_arguments_checkable_without_torch_fail_before_it_is_imported(tiny_dirs, tmp_path):
+    """A wrong path, a missing --text file, too few prompts or resamples, an output that cannot
+    be created: each refused before torch is imported, naming the user's path, leaving nothing."""
+    ckpt, text, afile = str(tiny_dirs["cumulative"]), str(tiny_dirs["text"]), tmp_path / "afile"
+    afile.write_text("x")
+    cases = [  # (argv, exit code, what the one line says)
+        (["probe", str(tmp_path / "no-ckpt"), "--text", text], 1, f"{str(tmp_path / 'no-ckpt')!r} is neither a local directory"),
+        (["probe", text, "--text", text], 1, f"{text!r} is a file; pass the checkpoint directory"),
+        (["probe", ckpt, "--text", str(tmp_path / "missing.txt")], 1, f"--text: {tmp_path / 'missing.txt'} is not a file"),
+        (["probe", ckpt, "--text", text, "--prompts", "3"], 2, "--prompts: expected at least 4 prompts"),
+        (["probe", ckpt, "--text", text, "--n-boot", "10"], 2, "--n-boot: expected a number of resamples from 40"),
+        (["probe", ckpt, "--text", text, "--out", "/proc/attnres-out"], 1, "cannot create --out '/proc/attnres-out'"),
+        (["probe", ckpt, "--text", text, "--out", str(afile / "sub")], 1,
+         f"cannot create --out {str(afile / 'sub')!r}: {str(afile)!r} is a file, not a directory"),
+        (["probe", ckpt, "--text", text, "--tokenizer", str(tmp_path / "tok")], 1, "--tokenizer: a tokenizer is a local directory"),
+        (["demo", "--out", "/proc/demo-out"], 1, "cannot create --out '/proc/demo-out'"),
+        (["demo", "--out", str(afile)], 1, "is a file, not a directory"),
+        (["inspect", str(tmp_path / "no-ckpt")], 1, "is neither a local directory nor a hub id"),
+        (["train", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")], 1, f"--data: {tmp_path / 'no-data'} does not exist"),
+        (["train", "--out", "/proc/run"], 1, "cannot create --out '/proc/run'"),
+        (["train", "--resume", str(tmp_path / "no-run")], 1, f"--resume: {tmp_path / 'no-run'} does not exist"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _BEFORE_TORCH, json.dumps([argv for argv, _, _ in cases])],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results, lines = json.loads(proc.stdout), proc.stderr.strip().splitlines()
+    assert len(lines) == len(cases), proc.stderr
+    for (argv, code, needle), (got_code, imported_torch), line in zip(cases, results, lines):
+        assert (got_code, imported_torch) == (code, False), (argv, line)
+        assert needle in line and ".partial-" not in line and ".checkpoints" not in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created, nothing left
+
+
+def test_a_checkpoint_swallowed_by_text_is_named(tiny_dirs, capsys):
+    ckpt, text = str(tiny_dirs["cumulative"]), str(tiny_dirs["text"])
+    assert main(["probe", "--text", text, ckpt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "required: SOURCE" not in err and len(err.splitlines()) == 1
+    assert f"--text took the checkpoint {ckpt!r} as a text file" in err
+    assert f"attnres-lens probe {ckpt} --text {text}" in err
+    assert main(["probe", "--text", text]) == 2  # no directory among the files: argparse's own words
+    assert "required: SOURCE" in capsys.readouterr().err
+
+
+def test_a_failed_probe_removes_its_checkpoints_an_interrupted_one_keeps_them(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """Every unit is measured, then the report step fails: a failure a rerun cannot mend removes
+    OUT.checkpoints/; an interruption keeps it, says where, and the rerun resumes from it."""
+    from attnres_lens import protocol
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out), *PROBE_FAST, "--quiet"]
+    written = protocol._write_report
+
+    def fail_with(exc):
+        def write_report(*args, **kwargs):
+            assert checkpoints.is_dir() and any(checkpoints.rglob("*"))  # the units were recorded
+            raise exc
+
+        return write_report
+
+    monkeypatch.setattr(protocol, "_write_report", fail_with(RuntimeError("no space left on device")))
+    assert main(argv) == 1
+    assert "no space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(protocol, "_write_report", fail_with(KeyboardInterrupt()))
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"the finished units are kept in {checkpoints}: rerun the same command to resume" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.checkpoints"]
+    monkeypatch.setattr(protocol, "_write_report", written)
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -230,3 +230,17 @@ def test_the_label_example_in_interventions_md_is_what_the_code_says():
         if flavour == "kimi":
             assert f"IndexError: {refused.value}" in text
         assert all(f"'{label}'" in text or f"`'{label}'`" in text for label in labels), labels
+
+
+def test_one_install_line_for_the_tests_everywhere():
+    """README, getting-started and the docs index install the same extras for the test suite
+    (the docs tests need mkdocs: ``.[dev]`` alone fails them)."""
+    pages = [DOCS.parent / "README.md", DOCS / "getting-started.md", DOCS / "index.md"]
+    extras = {page.name: set(re.findall(r'pip install -e "\.\[(dev[^\]]*)\]"', page.read_text())) for page in pages}
+    assert extras == {page.name: {"dev,docs"} for page in pages}, extras
+
+
+def test_getting_started_says_what_threads_to_set_and_why():
+    text = (DOCS / "getting-started.md").read_text()
+    assert "## Threads" in text and "torch.set_num_threads(1)" in text and "OMP_NUM_THREADS=1" in text
+    assert "never sets torch's thread count" in text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,25 +16,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..bootstrap_limits import min_prompts_for_bootstrap, min_resamples_for_bootstrap
+
 #: The CI methods of ``scipy.stats.bootstrap``.
 CI_METHODS: tuple[str, ...] = ("percentile", "basic", "BCa")
-
-
-def min_prompts_for_bootstrap(confidence: float = 0.95) -> int:
-    """The fewest prompts for which a percentile bootstrap CI at ``confidence`` is not simply
-    the range of the data.
-
-    With ``n`` prompts, a resample consists of one prompt repeated ``n`` times with probability
-    ``n ** -n`` for each prompt; when that exceeds the tail mass ``(1 - confidence) / 2`` the CI
-    endpoints are the smallest and largest per-prompt values whatever the data. The smallest
-    ``n`` with ``n ** -n <= (1 - confidence) / 2`` is 4 at 95% and 5 at 99.9%."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    tail = (1.0 - confidence) / 2.0
-    n = 2
-    while n ** (-n) > tail:
-        n += 1
-    return n
 
 
 def check_bootstrap_size(n_prompts: int, confidence: float, n_boot: int) -> None:
@@ -47,7 +31,7 @@ def check_bootstrap_size(n_prompts: int, confidence: float, n_boot: int) -> None
             f"{confidence:.0%} CI (with fewer, every resample CI is just the data range); "
             "20 or more give usable intervals"
         )
-    min_boot = math.ceil(2.0 / (1.0 - confidence))
+    min_boot = min_resamples_for_bootstrap(confidence)
     if n_boot < min_boot:
         raise ValueError(
             f"n_boot={n_boot} is too few bootstrap resamples for a {confidence:.0%} CI: each tail "

@@ -77,8 +77,9 @@ class Rows:
     sweep: pd.DataFrame  # the sweep table, per-prompt arrays included
     units: list[SweepUnit]
     bands: list[Optional[str]]  # each row's depth band (None: several, or the final router)
-    eligible: np.ndarray  # False for rows of single-source routers (mass 1 by construction)
+    eligible: np.ndarray  # False for structural rows (mass fixed by construction)
     kind_rows: dict[str, np.ndarray]  # the eligible rows of each sublayer kind ("attn", "mlp")
+    structural: list[str]  # per row, why its mass is fixed by construction ("" when it is not)
 
 
 def mass_vs_effect(
@@ -193,7 +194,7 @@ def mass_vs_effect(
             positions=positions, batch_size=batch_size, engine=engine, bands=resolved_bands, progress=progress,
             merge_duplicates=merge_duplicates, checkpoint_dir=checkpoint_dir,
         )
-    rows, undefined_names = _defined_rows(result, resolved_bands, mode)
+    rows, undefined_names = _defined_rows(result, resolved_bands, mode, duplicate_of(model.router_specs, model.cfg.flavour))
     check_finite(rows.sweep)
     merged_effects = None
     if not merge_duplicates:
@@ -315,7 +316,9 @@ def _sweep_groups(model: "HookedAttnResTransformer", groups: Any, bands: Mapping
     return resolved
 
 
-def _defined_rows(result: Any, bands: Mapping[str, tuple[int, ...]], mode: str) -> tuple[Rows, list[str]]:
+def _defined_rows(
+    result: Any, bands: Mapping[str, tuple[int, ...]], mode: str, duplicates: Mapping[str, Sequence[Optional[int]]]
+) -> tuple[Rows, list[str]]:
     """The rows whose intervention is defined (with their bands and eligibility), and the names
     of the others (masking every source of a router)."""
     undefined = set(result.undefined)
@@ -326,12 +329,44 @@ def _defined_rows(result: Any, bands: Mapping[str, tuple[int, ...]], mode: str) 
     sweep = result.table.iloc[keep].reset_index(drop=True)
     sweep.attrs = result.table.attrs
     units = [result.units[i] for i in keep]
-    eligible = np.array([any(spec.n_sources > 1 for spec, _ in unit.touched) for unit in units])
+    structural = [structural_reason(unit, duplicates) for unit in units]
+    eligible = np.array([not why for why in structural], dtype=bool)
     sublayers = np.array([unit.sublayer for unit in units], dtype=object)
     kind_rows = {kind: np.flatnonzero(eligible & (sublayers == kind)) for kind in ("attn", "mlp")}
     kind_rows = {kind: members for kind, members in kind_rows.items() if len(members)}
     row_bands = [_row_band(unit, bands) for unit in units]
-    return Rows(sweep, units, row_bands, eligible, kind_rows), undefined_names
+    return Rows(sweep, units, row_bands, eligible, kind_rows, structural), undefined_names
+
+
+#: Why a structural row's mass is fixed by construction (``table["structural_reason"]``).
+STRUCTURAL_ONLY_SOURCE = "its router's only source: mass 1 by construction"
+STRUCTURAL_ONE_TENSOR = "every source of its router is this one tensor (copies merged): mass 1 by construction"
+STRUCTURAL_ALL_SOURCES = "every source of its router: mass 1 by construction"
+STRUCTURAL_COPY = ("a copy of the tensor every other source of its router holds: identical keys, so the copies "
+                   "split the mass in a fixed ratio (only a recency bias tells them apart)")
+
+
+def structural_reason(unit: SweepUnit, duplicates: Mapping[str, Sequence[Optional[int]]]) -> str:
+    """Why ``unit``'s mass is fixed by construction, or ``""`` when it is a routing decision.
+
+    It is fixed when at every router the row touches, its sources with their copies (the same
+    tensor, :func:`duplicate_of`) are all of the router's sources: the softmax then gives them
+    mass 1, or, for one copy among copies, a fixed share (identical keys give identical logits
+    but for a recency bias)."""
+    reasons = set()
+    for spec, sources in unit.touched:
+        covered = {copy for source in sources for copy in copies_of(duplicates[spec.name], source)}
+        if len(covered) < spec.n_sources:
+            return ""
+        if spec.n_sources == 1:
+            reasons.add(STRUCTURAL_ONLY_SOURCE)
+        elif len(set(sources)) < spec.n_sources:
+            reasons.add(STRUCTURAL_COPY)
+        elif len(copies_of(duplicates[spec.name], sources[0])) == spec.n_sources:
+            reasons.add(STRUCTURAL_ONE_TENSOR)
+        else:
+            reasons.add(STRUCTURAL_ALL_SOURCES)
+    return "; ".join(sorted(reasons))
 
 
 def _row_band(unit: SweepUnit, bands: Mapping[str, tuple[int, ...]]) -> Optional[str]:
@@ -475,6 +510,8 @@ def _results_table(
         table["grad_estimate"] = np.nan
     table["content_dependence"] = _content_dependence(table, routing)
     table["eligible"] = rows.eligible
+    table["structural"] = ~rows.eligible
+    table["structural_reason"] = rows.structural
     return table
 
 
@@ -603,9 +640,11 @@ def _disagreements(
     bad = (significant & ~same_sign) | (error > np.maximum(effect_threshold, 0.5 * np.abs(effect)))
     out = rows.loc[bad, ["name", "mass", "effect", "effect_low", "effect_high", "grad_estimate"]].copy()
     out["error"] = (out["grad_estimate"] - out["effect"]).to_numpy()
+    negligible = np.abs(out["grad_estimate"].to_numpy()) < effect_threshold  # shown as ~0.0000: no sign to differ
     out["why"] = [
-        "sign differs" if (is_significant and not agrees) else "off by more than half"
-        for is_significant, agrees in zip(significant[bad], same_sign[bad])
+        ("estimate ~0 (under the effect threshold)" if small else "sign differs") if (is_significant and not agrees)
+        else "off by more than half"
+        for is_significant, agrees, small in zip(significant[bad], same_sign[bad], negligible)
     ]
     return out.reindex(out["error"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 

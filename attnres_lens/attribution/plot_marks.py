@@ -6,7 +6,8 @@ an edge, and a cluster of them is labelled with its size (``×3``)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import pandas as pd
 
 from ..serialize import jsonable
@@ -63,9 +64,11 @@ class MassEffectReport:
       family, label`` as in the sweep, plus ``band``), ``name``, ``mass`` with its bootstrap CI
       ``mass_low``/``mass_high``, ``effect`` with ``effect_low``/``effect_high``, ``abs_effect``,
       ``effect_ci_excludes_zero``, ``content_dependence`` (slices), the gradient estimate of
-      the same intervention ``grad_estimate`` (with its CI) when available, ``eligible`` (False
-      for single-source routers, whose mass is 1 by construction: they are kept in the table
-      but left out of flags, the largest-slice comparison and the correlations) and ``flag``.
+      the same intervention ``grad_estimate`` (with its CI) when available, ``structural``
+      (the row's mass is fixed by construction: a single-source router's, a copy merged with
+      the router's only other source, ...; ``structural_reason`` says which) and ``eligible``
+      (its negation: structural rows are kept in the table but left out of the flags, the
+      largest-mass comparison and the correlations) and ``flag``.
     - ``flags``: the flagged rows (``flag`` is :data:`FLAG_MASS_WITHOUT_CAUSAL_ROLE`,
       :data:`FLAG_CAUSAL_WITHOUT_MASS`, or in per-copy reports
       :data:`FLAG_COMPENSATED_BY_DUPLICATE`) with a human ``reason``. Slice rows that merge
@@ -120,6 +123,9 @@ class MassEffectReport:
                     f"{name} (mass, |effect|) = {rc['estimate']:+.3f} "
                     f"[{rc['low']:+.3f}, {rc['high']:+.3f}] over {self.rank_correlation['n']} rows"
                 )
+        n_structural = int(self.table["structural"].sum()) if "structural" in self.table else 0
+        if n_structural:
+            lines.append(f"structural rows (mass fixed by construction, left out of the comparisons): {n_structural}")
         counts = self.flags["flag"].value_counts().to_dict() if len(self.flags) else {}
         flag_text = (
             f"flags: {counts.get(FLAG_MASS_WITHOUT_CAUSAL_ROLE, 0)} '{FLAG_MASS_WITHOUT_CAUSAL_ROLE}', "
@@ -173,13 +179,19 @@ class MassEffectReport:
         if screen is not None and "estimate" in t:
             view["estimate"] = [f"{e:+{floatfmt}}" for e in t["estimate"]]
             view["exact?"] = ["yes" if x else "no (estimate)" for x in t["exact"]]
-        view["flag"] = t["flag"]
+        structural = t["structural"] if "structural" in t else pd.Series(False, index=t.index)
+        view["flag"] = np.where(structural, "structural", t["flag"])
         if max_rows is not None:
             view = view.head(max_rows)
         parts = ["```", self.summary(), "```", ""]
         if screen is not None:
             parts += [ESTIMATE_NOTE, ""]
         parts.append(markdown_table(view))
+        if structural.any():
+            parts += ["", "**Structural rows**: their mass is fixed by construction, not a routing decision, so "
+                      "they are left out of the correlations, the largest-mass comparison and the flags", ""]
+            parts += [f"- {r['name']}: mass {r['mass']:{floatfmt}}, effect {r['effect']:+{floatfmt}}: {r['structural_reason']}"
+                      for _, r in t[structural].iterrows()]
         if len(self.flags):
             parts += ["", "**Flags**", ""]
             parts += [f"- {r['name']}: **{r['flag']}** ({r['reason']})" for _, r in self.flags.iterrows()]

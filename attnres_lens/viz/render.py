@@ -8,7 +8,8 @@ whose ``title`` (the browser's tooltip) lists its numbers: hover a token to read
 from __future__ import annotations
 
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
