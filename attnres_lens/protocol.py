@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .records import RecordsRecoveredWarning
 from .outputs import OutputLockedError, check_output_dir, output_lock, staged_output_dir
 from .serialize import jsonable
 
@@ -426,6 +427,7 @@ def _measure_subject(
     for grouping in settings.groups:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "rough CIs" for few prompts: said in the report
+            warnings.simplefilter("always", RecordsRecoveredWarning)  # torn records: the user must hear of them
             report = mass_vs_effect(
                 model, model_tokens, groups=grouping, **settings.mass_vs_effect_options(),
                 checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / grouping,

@@ -251,3 +251,38 @@ def test_a_second_probe_on_the_same_out_is_refused_naming_the_first(probe_source
     assert not out.exists()
     with output_lock(out):  # released by the holder's death: the kernel drops a dead process's flock
         pass
+
+
+# ============================================================================ run identity
+def test_records_of_another_run_are_refused_even_without_the_manifest(tmp_path):
+    from distributed_worker import workload
+
+    from attnres_lens.patching import sweep_sources
+    from attnres_lens.records import MANIFEST, RunMismatchError
+
+    model, batches = workload()
+    checkpoint = tmp_path / "ckpt"
+    sweep_sources(model, batches[0], groups="family", progress=False, checkpoint_dir=checkpoint)
+    (checkpoint / MANIFEST).unlink()
+    with pytest.raises(RunMismatchError, match="holds a record of another run"):
+        sweep_sources(model, batches[0], groups="family", mode="mask", progress=False, checkpoint_dir=checkpoint)
+    with pytest.raises(RunMismatchError, match="holds a record of another run"):
+        sweep_sources(model, batches[1], groups="family", progress=False, checkpoint_dir=checkpoint)
+    assert not (checkpoint / MANIFEST).exists() and len(list(checkpoint.glob("records-*.jsonl"))) == 1
+    again = sweep_sources(model, batches[0], groups="family", progress=False, checkpoint_dir=checkpoint)
+    fresh = sweep_sources(model, batches[0], groups="family", progress=False)
+    assert again["effect"].tolist() == fresh["effect"].tolist()  # its own records are still its own
+
+
+def test_torn_probe_records_are_reported_by_the_cli(probe_source, tmp_path):
+    out = tmp_path / "out"
+    run = faults.start_cli(*_probe(probe_source, out), ATTNRES_LENS_PAUSE_AFTER_RECORDS="3")
+    try:
+        faults.wait_for_line(run, "paused after 3 records")
+    finally:
+        faults.kill(run)
+    (records,) = (tmp_path / "out.checkpoints").rglob("records-*.jsonl")
+    records.write_bytes(records.read_bytes()[:-20])  # the last line cut short
+    rerun = faults.run_cli(*_probe(probe_source, out))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "1 torn and 0 corrupt record(s) left out; their units are recomputed" in rerun.stderr
