@@ -259,6 +259,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         device: Optional[Union[str, torch.device]] = None,
         tokenizer: Any = None,
         fold_ln: bool = False,
+        check_finite: bool = True,
     ) -> "HookedAttnResTransformer":
         """Load a checkpoint, or wrap a vanilla Qwen3.
 
@@ -277,7 +278,8 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
 
         ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
         ``fold_ln=True`` folds the RMSNorm gains into the weights that read them (see
-        :meth:`process_weights_`).
+        :meth:`process_weights_`). A checkpoint with NaN or inf weights is refused, naming them;
+        ``check_finite=False`` loads it anyway (``model.non_finite_keys`` then names them).
         """
         from .loading import read_checkpoint
 
@@ -290,6 +292,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             dtype=dtype,
             device=device,
             tokenizer=tokenizer,
+            check_finite=check_finite,
         ).into(cls)
         if fold_ln:
             model.process_weights_(fold_ln=True)

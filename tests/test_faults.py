@@ -286,3 +286,165 @@ def test_torn_probe_records_are_reported_by_the_cli(probe_source, tmp_path):
     rerun = faults.run_cli(*_probe(probe_source, out))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "1 torn and 0 corrupt record(s) left out; their units are recomputed" in rerun.stderr
+
+
+# ============================================================================ loading safety (R 5, Q 1)
+@pytest.fixture()
+def saved(tmp_path) -> Path:
+    """A tiny saved cumulative checkpoint to damage."""
+    from reference import tiny_attnres
+
+    directory = tmp_path / "ckpt"
+    tiny_attnres("cumulative", n_layers=2, n_blocks=2).save_pretrained(directory)
+    return directory
+
+
+def _edit_config(directory: Path, **fields) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(fields)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _load(directory, **kwargs):
+    from attnres_lens import HookedAttnResTransformer
+
+    return HookedAttnResTransformer.from_pretrained(str(directory), **kwargs)
+
+
+def test_a_billion_layers_in_config_json_is_refused_before_anything_is_sized(saved):
+    import resource
+
+    from attnres_lens.loading import CheckpointError
+
+    _edit_config(saved, num_hidden_layers=1_000_000_000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"config.json: num_hidden_layers is 1000000000, but the weights hold "
+                                              r"layers 0-1 \(2 distinct\)"):
+        _load(saved)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was sized
+
+
+@pytest.mark.parametrize("value, shown", [(4.7, "4.7 \\(float\\)"), (True, "true \\(bool\\)"), ("four", '"four" \\(str\\)')])
+def test_a_count_of_the_wrong_type_is_refused_naming_field_and_file(saved, value, shown):
+    from attnres_lens.loading import CheckpointError
+
+    _edit_config(saved, num_hidden_layers=value)
+    with pytest.raises(CheckpointError, match=f"{saved / 'config.json'}: num_hidden_layers must be a positive "
+                                              f"integer, got {shown}"):
+        _load(saved)
+
+
+def test_a_nan_rope_theta_is_refused(saved):
+    from attnres_lens.loading import CheckpointError
+
+    text = (saved / "config.json").read_text()
+    config = json.loads(text)
+    (saved / "config.json").write_text(text.replace(json.dumps(config["rope_theta"]), "NaN", 1))
+    with pytest.raises(CheckpointError, match="rope_theta must be a finite number, got NaN"):
+        _load(saved)
+
+
+def test_a_shard_outside_the_checkpoint_directory_is_never_read(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from attnres_lens.loading import CheckpointError
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    state = load_file(str(saved / "model.safetensors"))
+    save_file(state, str(outside / "x.safetensors"))
+    (saved / "model.safetensors").unlink()
+    index = {"weight_map": {key: "../elsewhere/x.safetensors" for key in state}}
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="names shard '../elsewhere/x.safetensors', which resolves to .*outside "
+                                              "the checkpoint directory"):
+        _load(saved)
+
+
+def test_a_single_file_and_an_index_load_the_single_file_as_transformers_does_with_a_warning(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    other = {key: tensor + 1.0 for key, tensor in state.items()}
+    save_file(other, str(saved / "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {key: "model-00001-of-00001.safetensors" for key in state}}
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="holds both model.safetensors and model.safetensors.index.json: loading "
+                                         "model.safetensors, as transformers does"):
+        model = _load(saved)
+    assert torch.equal(model.embed.weight, state["model.embed_tokens.weight"])
+
+
+def test_symlink_loops_are_named(saved, tmp_path):
+    from attnres_lens.loading import CheckpointError
+
+    (saved / "model.safetensors").unlink()
+    os.symlink(saved / "model.safetensors", saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors' is a symbolic link loop"):
+        _load(saved)
+    loop = tmp_path / "org"
+    loop.mkdir()
+    os.symlink(loop / "name", loop / "name")  # also shaped like a hub id
+    with pytest.raises(ValueError, match="org/name' is a symbolic link loop"):
+        _load(loop / "name")
+
+
+def test_an_old_format_pytorch_model_bin_loads(saved):
+    from safetensors.torch import load_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    (saved / "model.safetensors").unlink()
+    torch.save(state, saved / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    model = _load(saved)
+    assert torch.equal(model.embed.weight, state["model.embed_tokens.weight"])
+
+
+def test_integer_weights_are_refused_naming_key_dtype_and_the_expected_one(saved):
+    from safetensors.torch import load_file, save_file
+
+    from attnres_lens.loading import CheckpointError
+
+    state = load_file(str(saved / "model.safetensors"))
+    save_file({k: v.to(torch.int32) for k, v in state.items()}, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"stored in a dtype that does not fit their parameter, which expects a "
+                                              r"floating-point dtype .*lm_head.weight: I32"):
+        _load(saved)
+
+
+def test_non_finite_weights_are_named_by_inspect_and_refused_by_probe_and_from_pretrained(saved, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from attnres_lens.cli import main
+    from attnres_lens.loading import CheckpointError
+
+    state = load_file(str(saved / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    state["model.norm.weight"][3] = float("inf")
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) hold NaN or inf: \[model.layers.1.mlp.up_proj.weight, "
+                                              r"model.norm.weight\]"):
+        _load(saved)
+    assert _load(saved, check_finite=False).non_finite_keys == ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    assert main(["inspect", str(saved)]) == 0
+    assert "NOT FINITE  2 tensor(s) hold NaN or inf: model.layers.1.mlp.up_proj.weight, model.norm.weight" in (
+        capsys.readouterr().out)
+    text = tmp_path / "text.txt"
+    text.write_text("some text to probe on, long enough for a few windows of twelve tokens. " * 4)
+    assert main(["probe", str(saved), "--text", str(text), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "hold NaN or inf" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_inspect_says_when_routing_is_uniform(tmp_path, capsys):
+    from reference import tiny_attnres
+
+    from attnres_lens.cli import main
+
+    model = tiny_attnres("kimi", n_layers=2, n_blocks=2)
+    with torch.no_grad():
+        for _, router in model.routers():
+            router.proj.weight.zero_()
+    model.save_pretrained(tmp_path / "zeroed")
+    assert main(["inspect", str(tmp_path / "zeroed")]) == 0
+    assert "routing     routing is uniform: untrained or wrapped" in capsys.readouterr().out
+    assert main(["inspect", "--json", str(tmp_path / "zeroed")]) == 0
+    assert json.loads(capsys.readouterr().out)["routing_note"].startswith("routing is uniform: untrained or wrapped")
