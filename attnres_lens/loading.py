@@ -345,17 +345,17 @@ def check_config_types(hf: dict[str, Any], where: str) -> None:
         if name not in hf or (name in _OPTIONAL_COUNT_FIELDS and hf[name] is None):
             continue
         value = hf[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(
-                f"{where}: {name} must be a positive integer, got {json.dumps(value)} ({type(value).__name__})"
-            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{where}: {name} must be an integer, got {value!r}")
+        if value < 1:
+            raise CheckpointError(f"{where}: {name} must be a positive integer, got {value!r}")
     rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
     floats = [(n, hf.get(n)) for n in _FLOAT_FIELDS] + [("rope_parameters.rope_theta", rope.get("rope_theta"))]
     for name, value in floats:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise CheckpointError(f"{where}: {name} must be a finite number, got {json.dumps(value)}")
+            raise CheckpointError(f"{where}: {name} must be a finite number, got {value!r}")
 
 
 def check_counts_against_weights(
@@ -628,14 +628,10 @@ def read_checkpoint(
     dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
     source_files = _open_source(source)
-<<<<<<< HEAD
     where = str(source_files.directory / "config.json") if source_files.directory is not None else "the model's config"
     if source_files.hf.get("model_type") in SUPPORTED_MODEL_TYPES:
         check_config_types(source_files.hf, where)
         check_counts_against_weights(source_files.hf, source_files.keys, source_files.shapes, where)
-=======
-    check_config_types(source_files.hf, where=_config_path(source))
->>>>>>> main
     fmt = detect_format(
         source_files.hf, source_files.keys,
         flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks,
@@ -750,33 +746,6 @@ def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
     if dtype not in allowed.values():
         raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype}")
     return dtype
-
-
-#: The Qwen3 config.json fields the loader reads as integers / as numbers.
-_INT_FIELDS = ("num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads", "num_hidden_layers",
-               "intermediate_size", "vocab_size", "max_position_embeddings")
-_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "attnres_recency_bias_init")
-
-
-def check_config_types(hf: dict, where: str = "config.json") -> None:
-    """Refuse a config field of the wrong JSON type (``"num_hidden_layers": "four"``), naming
-    the field, its value and the file ``where``."""
-    for key in _INT_FIELDS + _NUMBER_FIELDS:
-        value = hf.get(key)
-        if value is None:
-            continue
-        integer = key in _INT_FIELDS
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise CheckpointError(
-                f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}"
-            )
-
-
-def _config_path(source: Any) -> str:
-    """How messages name the config of ``source``: its path when it is a directory."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
-        return str(Path(source) / "config.json")
-    return "config.json"
 
 
 def _resolve_directory(source: Union[str, os.PathLike]) -> Path:

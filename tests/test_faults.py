@@ -324,13 +324,13 @@ def test_a_billion_layers_in_config_json_is_refused_before_anything_is_sized(sav
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was sized
 
 
-@pytest.mark.parametrize("value, shown", [(4.7, "4.7 \\(float\\)"), (True, "true \\(bool\\)"), ("four", '"four" \\(str\\)')])
+@pytest.mark.parametrize("value, shown", [(4.7, "4.7$"), (True, "True$"), ("four", "'four'$")])
 def test_a_count_of_the_wrong_type_is_refused_naming_field_and_file(saved, value, shown):
     from attnres_lens.loading import CheckpointError
 
     _edit_config(saved, num_hidden_layers=value)
-    with pytest.raises(CheckpointError, match=f"{saved / 'config.json'}: num_hidden_layers must be a positive "
-                                              f"integer, got {shown}"):
+    with pytest.raises(CheckpointError, match=f"{saved / 'config.json'}: num_hidden_layers must be an integer, "
+                                              f"got {shown}"):
         _load(saved)
 
 
@@ -340,7 +340,7 @@ def test_a_nan_rope_theta_is_refused(saved):
     text = (saved / "config.json").read_text()
     config = json.loads(text)
     (saved / "config.json").write_text(text.replace(json.dumps(config["rope_theta"]), "NaN", 1))
-    with pytest.raises(CheckpointError, match="rope_theta must be a finite number, got NaN"):
+    with pytest.raises(CheckpointError, match="rope_theta must be a finite number, got nan"):
         _load(saved)
 
 
