@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
 from .depth_patching import get_act_patch_depth_state
+from .effects import SWEEP_COLUMNS, Effects, grouping_kind
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
 from .interventions.compile import compile_interventions
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
@@ -57,21 +58,6 @@ class UndefinedInterventionWarning(UserWarning):
     """Some sweep rows mask every source of a router: their metric is NaN."""
 
 
-SWEEP_COLUMNS: tuple[str, ...] = (
-    "router",
-    "layer",
-    "sublayer",
-    "source",
-    "family",
-    "label",
-    "n_copies",
-    "mass",
-    "metric_clean",
-    "metric_ablated",
-    "effect",
-    "mass_per_prompt",
-    "effect_per_prompt",
-)
 ENGINES: tuple[str, ...] = ("batched", "naive")
 
 
@@ -386,7 +372,7 @@ def sweep_sources(
             max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
             merge_duplicates=merge_duplicates,
         )
-    warn_if_not_finite(result)
+    warn_if_not_finite(result.effects)
     return result.table
 
 
@@ -394,31 +380,43 @@ class NonFiniteMetricWarning(UserWarning):
     """The metric was NaN or infinite on some prompt: those effects are not numbers."""
 
 
-def warn_if_not_finite(result: SweepResult) -> None:
+def warn_if_not_finite(effects: Effects) -> None:
     """Say once, naming prompts and the first row, where the metric itself was not finite (rows
     left undefined on purpose, masking every source of a router, are not counted)."""
-    clean = non_finite_prompts(result.table.attrs.get("metric_clean_per_prompt", []))
+    clean = non_finite_prompts(effects.clean)
     if clean:
         warnings.warn(f"the metric is not finite on the clean run (prompt(s) {clean[:10]}); every effect "
                       "on those prompts is NaN: a metric must return finite values", NonFiniteMetricWarning, stacklevel=3)
         return
-    for position, (_, row) in enumerate(result.table.iterrows()):
-        prompts = [] if position in result.undefined else non_finite_prompts(row["effect_per_prompt"])
+    for row, unit in enumerate(effects.units):
+        prompts = [] if row in effects.undefined else non_finite_prompts(effects.effect[row])
         if prompts:
-            warnings.warn(f"the metric is not finite after intervening on {row['label']!r} (router={row['router']!r}, "
-                          f"source={row['source']!r}) on prompt(s) {prompts[:10]}; a metric must return finite "
+            warnings.warn(f"the metric is not finite after intervening on {unit.label!r} (router={unit.router!r}, "
+                          f"source={unit.source!r}) on prompt(s) {prompts[:10]}; a metric must return finite "
                           "values for every slice", NonFiniteMetricWarning, stacklevel=3)
             return
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepResult:
-    """A sweep's table and, row for row, the structured :class:`~attnres_lens.selection.SweepUnit`
-    behind each row; ``undefined`` lists the rows whose intervention is undefined (NaN rows)."""
+    """A sweep's :class:`~attnres_lens.effects.Effects`, with the views existing code reads:
+    ``table`` (``sweep_sources``' DataFrame), ``units`` (the structured
+    :class:`~attnres_lens.selection.SweepUnit` behind each row) and ``undefined`` (the rows
+    whose intervention is undefined: NaN rows)."""
 
-    table: pd.DataFrame
-    units: list[SweepUnit]
-    undefined: tuple[int, ...]
+    effects: Effects
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.effects.sweep_table()
+
+    @property
+    def units(self) -> list[SweepUnit]:
+        return list(self.effects.units)
+
+    @property
+    def undefined(self) -> tuple[int, ...]:
+        return self.effects.undefined
 
 
 @dataclass
@@ -462,7 +460,11 @@ def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"],
     reference_values = _reference_values(model, settings, reference, tokens, units)
     undefined = _undefined_units(model, settings, units, reference_values)
     clean, mass, ablated = _measure(model, tokens, settings, units, undefined, reference_values)
-    return SweepResult(_sweep_table(units, settings, clean, mass, ablated), units, undefined)
+    return SweepResult(Effects(
+        units=tuple(units), grouping=grouping_kind(groups), mass=mass, effect=ablated - clean[None, :], clean=clean,
+        undefined=undefined,
+        settings=dict(mode=settings.mode, target=settings.target, metric=settings.metric.name, engine=settings.engine),
+    ))
 
 
 def _sweep_settings(
@@ -630,35 +632,6 @@ def _measure_minibatch(
         reruns = [Rerun(i, iv, units[i].start, first_position(iv, n_pos)) for i, iv in interventions.items()]
         results = run_batched(model, minibatch, reruns, metric, clean, clean_log_probs, budget, bar)
     return clean_values, mass, results
-
-
-def _sweep_table(
-    units: list[SweepUnit], settings: SweepSettings, clean: np.ndarray, mass: np.ndarray, ablated: np.ndarray
-) -> pd.DataFrame:
-    effect = ablated - clean[None, :]
-    rows = []
-    for i, unit in enumerate(units):
-        rows.append(dict(
-            unit.keys(),
-            mass=float(mass[i].mean()),
-            metric_clean=float(clean.mean()),
-            metric_ablated=float(ablated[i].mean()),
-            effect=float(effect[i].mean()),
-            mass_per_prompt=mass[i].copy(),
-            effect_per_prompt=effect[i].copy(),
-        ))
-    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    table["layer"] = table["layer"].astype("Int64")
-    table["source"] = table["source"].astype("Int64")
-    table["n_copies"] = table["n_copies"].astype("Int64")
-    table.attrs.update(
-        metric_clean_per_prompt=clean,
-        mode=settings.mode,
-        target=settings.target,
-        metric=settings.metric.name,
-        engine=settings.engine,
-    )
-    return table
 
 
 def _mass(weights: dict[str, Tensor], touched: Touched, read: list[int]) -> Float[Tensor, " batch"]:

@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
-import pandas as pd
 import torch
 
 from .. import distributed
+from ..effects import Effects
 from ..metrics import Metric
 from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
 from .sharded import sharded_sweep
@@ -66,29 +65,8 @@ def sweep_batches(
 
 
 def join_batches(results: list[SweepResult]) -> SweepResult:
-    """The sweeps of several batches as one: per-prompt arrays concatenated, means over all prompts."""
-    table = _concatenated(results[0].table, [result.table for result in results])
-    return SweepResult(table, results[0].units, results[0].undefined)
-
-
-def _concatenated(first: pd.DataFrame, tables: list[pd.DataFrame]) -> pd.DataFrame:
-    out = first.copy().reset_index(drop=True)
-    out.attrs = dict(first.attrs)
-    if len(tables) > 1:
-        for column in ("mass_per_prompt", "effect_per_prompt"):
-            out[column] = [
-                np.concatenate([np.asarray(t[column].iloc[row]) for t in tables]) for row in range(len(out))
-            ]
-        out.attrs["metric_clean_per_prompt"] = np.concatenate(
-            [np.asarray(t.attrs.get("metric_clean_per_prompt", [])) for t in tables]
-        )
-    out["mass"] = [float(np.mean(v)) for v in out["mass_per_prompt"]]
-    out["effect"] = [float(np.mean(v)) for v in out["effect_per_prompt"]]
-    clean = np.asarray(out.attrs.get("metric_clean_per_prompt", []), dtype=float)
-    if clean.size:
-        out["metric_clean"] = float(clean.mean())
-        out["metric_ablated"] = out["metric_clean"] + out["effect"]
-    return out
+    """The sweeps of several batches as one (:meth:`~attnres_lens.effects.Effects.concat`)."""
+    return SweepResult(Effects.concat([result.effects for result in results]))
 
 
 __all__ = ["join_batches", "sweep_batches"]

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..metrics import Metric
-from ..patching import SWEEP_COLUMNS, SweepResult, UndefinedInterventionWarning, run_sweep
+from ..effects import Effects, grouping_kind
+from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
 from ..records import RecordStore, model_hash, tokens_hash
 from ..selection import SweepUnit, sweep_units
 from ..serialize import jsonable
@@ -128,7 +128,8 @@ def sharded_sweep(
     for part in distributed.gather_lists(computed):
         for record in part:
             records.setdefault(record["key"], record)
-    return [_batch_result(records, batch, units) for batch in range(len(batches))]
+    grouping = grouping_kind(sweep_kwargs.get("groups", "slice"))
+    return [_batch_result(records, batch, units, grouping) for batch in range(len(batches))]
 
 
 def _open_store(checkpoint_dir: Optional[Union[str, Path]], manifest: dict, where: distributed.Ranks) -> Optional[RecordStore]:
@@ -150,46 +151,19 @@ def _compute_item(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedInterventionWarning)
         result = run_sweep(model, tokens, metric=metric, progress=False, unit_indices=list(item.units), **sweep_kwargs)
-    table = result.table
-    clean = np.asarray(table.attrs["metric_clean_per_prompt"], dtype=float).tolist()
-    attrs = {key: table.attrs.get(key) for key in ("mode", "target", "metric", "engine")}
-    records = []
-    for row, unit in enumerate(item.units):
-        records.append({
-            "key": record_key(item.batch, unit),
-            "batch": item.batch,
-            "unit": unit,
-            "label": str(result.units[row].label),
-            "undefined": row in result.undefined,
-            "clean": clean,
-            "mass": np.asarray(table["mass_per_prompt"].iloc[row], dtype=float).tolist(),
-            "effect": np.asarray(table["effect_per_prompt"].iloc[row], dtype=float).tolist(),
-            "attrs": attrs,
-        })
-    return records
+    effects = result.effects
+    return [{**record, "key": record_key(item.batch, record["unit"]), "batch": item.batch,
+             "label": str(effects.units[row].label), "attrs": dict(effects.settings)}
+            for row, record in enumerate(effects.records(unit_ids=item.units))]
 
 
-def _batch_result(records: Mapping[str, dict], batch: int, units: list[SweepUnit]) -> SweepResult:
+def _batch_result(records: Mapping[str, dict], batch: int, units: list[SweepUnit], grouping: str) -> SweepResult:
     """The sweep table of one batch, rebuilt from its records (one per unit)."""
     missing = [unit.label for u, unit in enumerate(units) if record_key(batch, u) not in records]
     if missing:
         raise RuntimeError(f"batch {batch}: no result for {len(missing)} unit(s) ({missing[:5]}); this is a bug")
     mine = [records[record_key(batch, u)] for u in range(len(units))]
-    clean = np.asarray(mine[0]["clean"], dtype=float)
-    rows = []
-    for unit, record in zip(units, mine):
-        mass, effect = np.asarray(record["mass"], dtype=float), np.asarray(record["effect"], dtype=float)
-        rows.append(dict(
-            unit.keys(), mass=float(mass.mean()), metric_clean=float(clean.mean()),
-            metric_ablated=float((effect + clean).mean()), effect=float(effect.mean()),
-            mass_per_prompt=mass, effect_per_prompt=effect,
-        ))
-    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    table["layer"] = table["layer"].astype("Int64")
-    table["source"] = table["source"].astype("Int64")
-    table.attrs.update(metric_clean_per_prompt=clean, **mine[0]["attrs"])
-    undefined = tuple(u for u, record in enumerate(mine) if record["undefined"])
-    return SweepResult(table, units, undefined)
+    return SweepResult(Effects.from_records(units, grouping, mine, mine[0]["attrs"]))
 
 
 __all__ = ["MAX_UNITS_PER_ITEM", "WorkItem", "n_chunks_for", "plan_items", "record_key", "sharded_sweep", "sweep_manifest"]
