@@ -1,4 +1,5 @@
-"""The exact sweep over a dataset of several batches (``patching.run_sweep`` on each)."""
+"""The exact sweep over a dataset of several batches: :func:`~attnres_lens.sweep_plan.execute`
+of one plan, by the local or the sharded executor."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from .. import distributed
 from ..effects import Effects
 from ..metrics import Metric
-from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
-from .sharded import sharded_sweep
+from ..sweep_plan import Local, SweepResult, SweepSpec, UndefinedInterventionWarning, execute, plan
+from ..sweep_sharded import Sharded
 
 if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
@@ -34,34 +35,21 @@ def sweep_batches(
     checkpoint_dir: Optional[Union[str, Path]] = None,
     merge_duplicates: bool = True,
 ) -> SweepResult:
-    """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
-    concatenated across batches and the means recomputed over all prompts. Rows whose
-    intervention is undefined come back NaN and listed in ``undefined`` (no warning: the
-    caller reports them).
+    """The sweep of every batch as one result: per-prompt values over all prompts in order.
+    Rows whose intervention is undefined come back NaN and listed in ``undefined`` (no warning:
+    the caller reports them).
 
     Under an initialised process group (``torchrun``) the (batch x unit) work is shared across
     the ranks and gathered; with ``checkpoint_dir`` every finished unit is recorded there and a
-    rerun recomputes only what is missing (:mod:`.sharded`)."""
-    if checkpoint_dir is not None or distributed.is_active():
-        sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                            bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                            merge_duplicates=merge_duplicates)
-        return join_batches(sharded_sweep(model, batches, metric=metric, sweep_kwargs=sweep_kwargs,
-                                          checkpoint_dir=checkpoint_dir, progress=progress))
-    results = []
-    offset = 0
-    for batch in batches:
-        n_prompts = int(batch.shape[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UndefinedInterventionWarning)
-            results.append(run_sweep(
-                model, batch, mode=mode, metric=metric.for_prompts(torch.arange(offset, offset + n_prompts)),
-                groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                progress=progress, merge_duplicates=merge_duplicates,
-            ))
-        offset += n_prompts
-    return join_batches(results)
+    rerun recomputes only what is missing (:class:`~attnres_lens.sweep_sharded.Sharded`)."""
+    spec = SweepSpec(mode=mode, metric=metric, groups=groups, positions=positions, batch_size=batch_size,
+                     engine=engine, bands=bands if isinstance(groups, str) and groups == "family_band" else None,
+                     merge_duplicates=merge_duplicates, progress=progress)
+    sharded = checkpoint_dir is not None or distributed.is_active()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedInterventionWarning)
+        effects = execute(plan(model, spec), batches, Sharded(checkpoint_dir) if sharded else Local())
+    return SweepResult(effects)
 
 
 def join_batches(results: list[SweepResult]) -> SweepResult:
