@@ -33,8 +33,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .compat import ActivationCache, Slice
+from .compat import ActivationCache, Slice, get_act_name
 from .config import AttnResConfig
+from .refusals import flavour_refusal, missing_hook_error
 from .router import closes_block_before, snapshot_after
 
 EMBEDDING = -1  # the component id of the embedding; sublayer k has id k
@@ -76,24 +77,38 @@ class AttnResActivationCache(ActivationCache):
         try:
             return super().__getitem__(key)
         except KeyError:
-            name = key if isinstance(key, str) else repr(key)
-            if self._is_routed() and "resid" in name:
-                raise KeyError(
-                    f"{name}: a kimi (Block AttnRes) model has no single residual stream, so no "
-                    "hook_resid_*. Patch the whole depth state with "
-                    "attnres_lens.depth_patching.get_act_patch_depth_state, decompose a read with "
-                    "cache.decompose_router(name) / cache.decompose_resid(), or read "
-                    "'{router}.hook_sources'"
-                ) from None
+            name = _hook_name(key) or repr(key)
+            cfg = self.model.cfg
+            if name not in self.model.mod_dict and flavour_refusal(name, cfg.flavour, cfg.n_layers):
+                raise missing_hook_error(name, cfg.flavour, cfg.n_layers) from None
             close = difflib.get_close_matches(name, [k for k in self.cache_dict if isinstance(k, str)], n=3)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
                 "; its keys are listed by cache.keys()"
             )
             raise KeyError(f"{name} is not in the cache{hint}") from None
 
+    #: Set by ``run_with_cache`` when backward hooks were attached during the run (TL's
+    #: attribution-patching recipe records the gradients that way).
+    recorded_with_backward_hooks: bool = False
+
     # ------------------------------------------------------------------ routing-aware pieces
     def _is_routed(self) -> bool:
         return self.model.cfg.flavour == "kimi"
+
+    def _routed_stack_for(self, method: str) -> None:
+        """Refuse a kimi stack on a cache recorded for attribution patching: its rows are
+        weighted by routing mass, so (stack of the gradients) x (difference of stacks) is not
+        the attribution TL's recipe computes (``docs/hooks.md``)."""
+        if self.recorded_with_backward_hooks:
+            raise ValueError(
+                f"cache.{method} on a kimi (Block AttnRes) model gives routing-weighted stacks (each "
+                "component times the reading router's mass), and this cache was recorded with "
+                "backward hooks, i.e. for attribution patching: a gradient times a difference of "
+                "weighted stacks is not the attribution. Use the hooks' activations and gradients "
+                "directly (e.g. (grad[f'blocks.{l}.attn.hook_result'] * (clean - corrupted)) per "
+                "head after set_use_attn_result(True), or blocks.{l}.hook_attn_out / hook_mlp_out / "
+                "'{router}.hook_out' per sublayer)."
+            )
 
     def _reading_router(self, layer: Optional[int], mlp_input: bool) -> tuple[int, str, int]:
         """``(layer, router name, step)`` of the router whose output the residual at
@@ -166,21 +181,22 @@ class AttnResActivationCache(ActivationCache):
         ``hook_out``). Cumulative: TL's, over the stream ``x``."""
         if not self._is_routed():
             return super().decompose_resid(layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+        self._routed_stack_for("decompose_resid")
         if mode not in ("all", "mlp", "attn"):
             raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
         layer, router, step = self._reading_router(layer, mlp_input)
         masses = self.component_masses(router)
+        pos_slice = _slice(pos_slice)
         labels, parts = [], []
         if incl_embeds:
             labels.append("embed")
-            parts.append(self._component(EMBEDDING) * masses[EMBEDDING].unsqueeze(-1))
+            parts.append(self._weighted(EMBEDDING, masses, pos_slice))
         for k in range(step):
             kind = "mlp" if k % 2 else "attn"
             if mode in ("all", kind):
                 labels.append(f"{k // 2}_{kind}_out")
-                parts.append(self._component(k) * masses[k].unsqueeze(-1))
-        pos_slice = _slice(pos_slice)
-        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts], dim=0)
+                parts.append(self._weighted(k, masses, pos_slice))
+        stack = torch.stack(parts, dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -199,6 +215,7 @@ class AttnResActivationCache(ActivationCache):
         MLP router, ``final_post`` = the final router). Cumulative: TL's, over the stream."""
         if not self._is_routed():
             return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
+        self._routed_stack_for("accumulated_resid")
         n = self.model.cfg.n_layers
         layer, _, _ = self._reading_router(layer, mlp_input)
         labels, parts = [], []
@@ -238,6 +255,7 @@ class AttnResActivationCache(ActivationCache):
             return super().get_full_resid_decomposition(
                 layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, **kwargs
             )
+        self._routed_stack_for("get_full_resid_decomposition")
         layer, router, step = self._reading_router(layer, mlp_input)
         masses = self.component_masses(router)
         pos_slice = _slice(pos_slice)
@@ -245,19 +263,16 @@ class AttnResActivationCache(ActivationCache):
         parts: list[Tensor] = []
         for k in range(step):
             l = k // 2
-            mass = pos_slice.apply(masses[k], dim=-1)
             if k % 2 == 0:
-                heads = pos_slice.apply(self._head_results(l), dim=-3)  # [..., pos, head, d_model]
-                parts.append((heads * mass[..., None, None]).movedim(-2, 0))
+                parts.append(self._weighted(k, masses, pos_slice, per="head").movedim(-2, 0))
                 labels.extend(f"L{l}H{h}" for h in range(self.model.cfg.n_heads))
             elif expand_neurons:
-                neurons = self.get_neuron_results(l, pos_slice=pos_slice)  # [..., pos, d_mlp, d_model]
-                parts.append((neurons * mass[..., None, None]).movedim(-2, 0))
+                parts.append(self._weighted(k, masses, pos_slice, per="neuron").movedim(-2, 0))
                 labels.extend(f"L{l}N{i}" for i in range(self.model.cfg.d_mlp))
             else:
-                parts.append((pos_slice.apply(self._component(k), dim=-2) * mass[..., None])[None])
+                parts.append(self._weighted(k, masses, pos_slice)[None])
                 labels.append(f"{l}_mlp_out")
-        embed = pos_slice.apply(self._component(EMBEDDING), dim=-2) * pos_slice.apply(masses[EMBEDDING], dim=-1)[..., None]
+        embed = self._weighted(EMBEDDING, masses, pos_slice)
         parts.append(embed[None])
         labels.append("embed")
         parts.append(torch.zeros_like(embed)[None])
@@ -268,6 +283,104 @@ class AttnResActivationCache(ActivationCache):
         if project_output_onto is not None:
             stack = stack @ project_output_onto
         return (stack, labels) if return_labels else stack
+
+    def stack_head_results(
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: Any = None,
+        apply_ln: bool = False,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """TL's ``stack_head_results``: ``[layer * head, *batch_and_pos, d_model]``, the heads of
+        the layers before ``layer``. Kimi: routing-aware, each head weighted by the reading
+        router's mass on the sources containing it (as :meth:`decompose_resid`), so the heads of
+        a layer sum to that layer's ``attn_out`` row there and ``remainder`` is what the reading
+        router outputs minus the heads. Cumulative: TL's, over the stream."""
+        if not self._is_routed():
+            return super().stack_head_results(layer, return_labels, incl_remainder, pos_slice, apply_ln)
+        self._routed_stack_for("stack_head_results")
+        layer, router, step = self._reading_router(layer, False)
+        return self._routed_stack(
+            layer, False, router, [k for k in range(0, step, 2)], "head", pos_slice, incl_remainder,
+            apply_ln, return_labels,
+            lambda k: [f"L{k // 2}H{h}" for h in range(self.model.cfg.n_heads)],
+        )
+
+    def stack_neuron_results(
+        self,
+        layer: int,
+        pos_slice: Any = None,
+        neuron_slice: Any = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: Optional[Tensor] = None,
+        mlp_input: bool = False,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """TL's ``stack_neuron_results`` (the neurons of the layers before ``layer``). Kimi:
+        routing-aware, each neuron weighted by the reading router's mass on the sources
+        containing its MLP (as :meth:`decompose_resid`). Cumulative: TL's."""
+        if not self._is_routed():
+            kwargs = {} if project_output_onto is None and not mlp_input else {
+                "project_output_onto": project_output_onto, "mlp_input": mlp_input}
+            return super().stack_neuron_results(
+                layer, pos_slice, neuron_slice, return_labels, incl_remainder, apply_ln, **kwargs
+            )
+        self._routed_stack_for("stack_neuron_results")
+        layer, router, step = self._reading_router(layer, mlp_input)
+        neurons = [int(n) for n in _slice(neuron_slice).indices(self.model.cfg.d_mlp)]
+        stack = self._routed_stack(
+            layer, mlp_input, router, [k for k in range(1, step, 2)], "neuron", pos_slice,
+            incl_remainder, apply_ln, return_labels,
+            lambda k: [f"L{k // 2}N{n}" for n in neurons], neuron_slice=neuron_slice,
+        )
+        if project_output_onto is None:
+            return stack
+        if return_labels:
+            return stack[0] @ project_output_onto, stack[1]
+        return stack @ project_output_onto
+
+    def _routed_stack(
+        self, layer: int, mlp_input: bool, router: str, components: list[int], per: str,
+        pos_slice: Any, incl_remainder: bool, apply_ln: bool, return_labels: bool, label: Any,
+        neuron_slice: Any = None,
+    ) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """The kimi stacks of heads or neurons: every row weighted once, by :meth:`_weighted`."""
+        masses = self.component_masses(router)
+        pos_slice = _slice(pos_slice)
+        labels: list[str] = []
+        parts: list[Tensor] = []
+        for k in components:
+            parts.append(self._weighted(k, masses, pos_slice, per=per, neuron_slice=neuron_slice).movedim(-2, 0))
+            labels.extend(label(k))
+        empty = pos_slice.apply(self["hook_embed"], dim=-2)
+        stack = torch.cat(parts, dim=0) if parts else empty.new_zeros((0, *empty.shape))
+        if incl_remainder:
+            read = pos_slice.apply(self._cached(f"{router}.hook_out", "incl_remainder"), dim=-2)
+            stack = torch.cat([stack, (read - stack.sum(0))[None]], dim=0)
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    def _weighted(
+        self, component: int, masses: dict[int, Tensor], pos_slice: Slice, per: Optional[str] = None,
+        neuron_slice: Any = None,
+    ) -> Tensor:
+        """Component ``component``'s term in a routed read: its output (per head
+        ``[..., pos, head, d_model]``, per neuron ``[..., pos, neuron, d_model]``, or whole
+        ``[..., pos, d_model]``) times the reading router's mass on the sources containing it.
+        Every routing-aware stack of this cache weighs its rows here, and only here."""
+        mass = pos_slice.apply(masses[component], dim=-1)
+        if per == "head":
+            part = pos_slice.apply(self._head_results(component // 2), dim=-3)
+        elif per == "neuron":
+            part = self.get_neuron_results(component // 2, neuron_slice=neuron_slice, pos_slice=pos_slice)
+        else:
+            part = pos_slice.apply(self._component(component), dim=-2)
+        inner = part.ndim - mass.ndim
+        return part * mass.reshape(*mass.shape, *([1] * inner)).to(part.dtype)
 
     def _head_results(self, layer: int) -> Tensor:
         """``[..., pos, head, d_model]``: each head's write, ``z @ W_O`` (``hook_result``)."""
@@ -296,6 +409,18 @@ class AttnResActivationCache(ActivationCache):
                 "cache.decompose_resid(apply_ln=True) for per-component terms."
             )
         return super().logit_lens(**kwargs)
+
+
+def _hook_name(key: Any) -> Optional[str]:
+    """The hook name a cache key stands for (TL's ``("resid_pre", 3)`` shorthand included)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, tuple) and key and isinstance(key[0], str):
+        try:
+            return get_act_name(*key)
+        except Exception:  # noqa: BLE001 - not a TL shorthand: leave TL's KeyError as it is
+            return None
+    return None
 
 
 def _slice(pos_slice: Any) -> Slice:

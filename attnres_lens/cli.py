@@ -308,12 +308,14 @@ def describe(model: Any) -> dict[str, Any]:
                 "families": list(spec.families()),
             }
         )
+    from .layouts import layout_name
     from .loading import tokenizer_name
 
     n_router = sum(p.numel() for name, p in model.named_parameters() if "router" in name)
 
     return {
         "format": getattr(model, "checkpoint_format", "unknown"),
+        "layout": layout_name(cfg.flavour, cfg.routing_mode),
         "flavour": cfg.flavour,
         "routing_mode": cfg.routing_mode,
         "n_blocks": cfg.n_blocks,
@@ -362,6 +364,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     lines = [
         f"source      {args.source}",
         f"format      {info['format']}",
+        f"layout      {info['layout']}",
         f"flavour     {info['flavour']} (routing mode {info['routing_mode']}, {info['n_blocks']} blocks of "
         f"{info['layers_per_block']} layer(s), {'with' if info['final_router'] else 'no'} final router)",
         f"schedule    {_schedule_text(info['schedule'])}",

@@ -10,7 +10,7 @@ one-to-one, and the arithmetic mirrors it op for op so logits match ``Qwen3ForCa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,43 @@ class SequenceContext:
     kv_cache: Optional[list[KVCacheEntry]] = None
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """Per-head attention inputs, already normed (``ln1``): ``q`` ``[batch, pos, head, d_model]``,
+    ``k``/``v`` ``[batch, pos, kv_head, d_model]``. What the block hands the attention under
+    TransformerLens' ``use_split_qkv_input``/``use_attn_in``, so each head reads its own copy."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+
+
+def per_head(x: Float[Tensor, "batch pos d_model"], n_heads: int) -> Float[Tensor, "batch pos head d_model"]:
+    """``n_heads`` copies of ``x`` (a copy, not a view, so a hook may edit one head in place)."""
+    return x.unsqueeze(-2).repeat(*([1] * (x.ndim - 1)), n_heads, 1)
+
+
+class Embed(nn.Embedding):
+    """The token embedding; ``W_E`` ``[d_vocab, d_model]`` is a view on ``weight`` (TL's name)."""
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:  # noqa: N802 (TL's name)
+        return self.weight
+
+
+class Unembed(nn.Linear):
+    """The LM head (no bias); ``W_U`` ``[d_model, d_vocab]`` is a view on ``weight`` and ``b_U``
+    is zero (TL's names)."""
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:  # noqa: N802 (TL's name)
+        return self.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:  # noqa: N802 (TL's name)
+        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm on q and k (QK-norm) and rotary."""
 
@@ -167,17 +204,25 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos], masked
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        #: Each head's write ``z_h @ W_O[h]``; fires when ``cfg.use_attn_result`` (TL's
+        #: ``set_use_attn_result``), and then sums over heads to the output.
+        self.hook_result = HookPoint()  # [batch, pos, head_index, d_model]
         #: Build the explicit pattern even without a TL hook (``model.set_materialize_patterns``).
         self.materialize_pattern = False
 
     def _pattern_is_observed(self) -> bool:
+        """Whether to build the pattern: when switched on, when a TL hook is attached, or when
+        a tool has wrapped the hook point's ``forward`` on the instance (nnsight does this to
+        every module it wraps, so ``hook_pattern.output`` is there to read without
+        ``set_materialize_patterns``)."""
+        points = (self.hook_attn_scores, self.hook_pattern)
         return self.materialize_pattern or any(
-            hp.fwd_hooks or hp.bwd_hooks for hp in (self.hook_attn_scores, self.hook_pattern)
+            hp.fwd_hooks or hp.bwd_hooks or "forward" in hp.__dict__ for hp in points
         )
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        x: "Union[Float[Tensor, 'batch pos d_model'], HeadInputs]",
         cos: Float[Tensor, "*batch pos d_head"],
         sin: Float[Tensor, "*batch pos d_head"],
         attn_mask: Optional[Tensor] = None,
@@ -185,17 +230,14 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attn_mask`` (``[batch, 1, query_pos, key_pos]`` bool, ``True`` = may attend) replaces
         the causal mask when given; ``kv_cache`` supplies and stores the past keys/values."""
-        batch, n_pos, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(batch, n_pos, self.n_heads, self.d_head))
-        k = self.hook_k(self.k_proj(x).view(batch, n_pos, self.n_kv, self.d_head))
-        v = self.hook_v(self.v_proj(x).view(batch, n_pos, self.n_kv, self.d_head))
+        q, k, v = self._project(x)
+        batch, n_pos = q.shape[:2]
         q = self.hook_rot_q(apply_rotary(self.q_norm(q), cos, sin)).transpose(1, 2)
         k = self.hook_rot_k(apply_rotary(self.k_norm(k), cos, sin)).transpose(1, 2)
         v = v.transpose(1, 2)
         if isinstance(kv_cache, SharedPrefixKV) and kv_cache.n_pos:
             z = self._attention_over_shared_prefix(q, k, v, kv_cache, attn_mask)
-            z = self.hook_z(z.transpose(1, 2))
-            return self.o_proj(z.reshape(batch, n_pos, self.n_heads * self.d_head))
+            return self._write(self.hook_z(z.transpose(1, 2)))
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
         if attn_mask is None and k.shape[2] != n_pos:
@@ -212,8 +254,28 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.scaling,
                 enable_gqa=self.n_kv != self.n_heads,
             )
-        z = self.hook_z(z.transpose(1, 2))
-        return self.o_proj(z.reshape(batch, n_pos, self.n_heads * self.d_head))
+        return self._write(self.hook_z(z.transpose(1, 2)))
+
+    def _project(self, x: "Tensor | HeadInputs") -> tuple[Tensor, Tensor, Tensor]:
+        """``hook_q``/``hook_k``/``hook_v`` ``[batch, pos, head, d_head]``, from one input or from
+        per-head inputs (:class:`HeadInputs`, TL's split-qkv path)."""
+        if isinstance(x, HeadInputs):
+            q = torch.einsum("bphm,hmd->bphd", x.q, self.W_Q)
+            k = torch.einsum("bphm,hmd->bphd", x.k, self._W_K)
+            v = torch.einsum("bphm,hmd->bphd", x.v, self._W_V)
+        else:
+            batch, n_pos, _ = x.shape
+            q = self.q_proj(x).view(batch, n_pos, self.n_heads, self.d_head)
+            k = self.k_proj(x).view(batch, n_pos, self.n_kv, self.d_head)
+            v = self.v_proj(x).view(batch, n_pos, self.n_kv, self.d_head)
+        return self.hook_q(q), self.hook_k(k), self.hook_v(v)
+
+    def _write(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
+        """The output ``o_proj(z)``; with ``cfg.use_attn_result`` the per-head writes
+        ``hook_result`` ``[batch, pos, head, d_model]`` are formed first and summed."""
+        if self.cfg.use_attn_result:
+            return self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O)).sum(-2)
+        return self.o_proj(z.reshape(*z.shape[:2], self.n_heads * self.d_head))
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         """Attention with the scores and pattern materialised (and hooked)."""

@@ -11,7 +11,8 @@ model: :meth:`Checkpoint.into` hands the weights to whichever model class asks (
    ``flavour="cumulative", schedule="recency", recency_bias=b``.
 2. A ``qwen3_attnres`` checkpoint. Both public codebases use that ``model_type``; the flavour is
    decided by the router keys, as ``docs/concepts.md`` says: ``*_res_bias`` keys mean cumulative (block or
-   full mode), ``model.final_res_proj.weight`` means kimi (block mode only).
+   full mode), ``model.final_res_proj.weight`` means kimi (block or full mode). Settings of the
+   public codebases that the library does not compute are refused by name (:mod:`.layouts`).
 3. A checkpoint written by :func:`save_pretrained` (the ``qwen3_attnres`` layout of the
    model's flavour plus an ``attnres_lens`` entry in ``config.json``).
 
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import layouts
 from .config import AttnResConfig, RoutingSchedule
 from .names import LIBRARY_KEY
 from .outputs import honour_umask
@@ -299,7 +301,7 @@ def config_from_hf(
     if rope_type != "default":
         raise CheckpointError(f"rope type {rope_type!r} is not supported; only 'default' rotary is")
     rotary_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    n_blocks = _normalised_block_count(n_blocks, hf)
+    n_blocks = _normalised_block_count(n_blocks, hf, warn=routing_mode != "full")
     try:
         n_heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
@@ -329,11 +331,14 @@ def config_from_hf(
         raise CheckpointError(f"the config lacks the Qwen3 field {err.args[0]!r}") from err
 
 
-def _normalised_block_count(n_blocks: int, hf: dict[str, Any]) -> int:
+def _normalised_block_count(n_blocks: int, hf: dict[str, Any], *, warn: bool = True) -> int:
     """``attnres_num_blocks > num_hidden_layers`` computes exactly what one block per layer
-    computes (layers per block = max(1, ceil(L / N)) = 1): accept it as ``L``, with a note."""
+    computes (layers per block = max(1, ceil(L / N)) = 1): accept it as ``L``, with a note
+    (none in full mode, which has no blocks: DELTA's full checkpoints keep the default 8)."""
     n_layers = hf.get("num_hidden_layers")
     if isinstance(n_layers, int) and n_layers >= 1 and n_blocks > n_layers:
+        if not warn:
+            return n_layers
         warnings.warn(
             f"the checkpoint asks for {n_blocks} blocks but has {n_layers} layers; more blocks than "
             f"layers computes one block per layer, so it is loaded with n_blocks={n_layers}",
@@ -367,6 +372,9 @@ def detect_format(
 ) -> CheckpointFormat:
     """Decide the format per the spec, refusing anything it does not describe."""
     model_type = hf.get("model_type")
+    foreign = layouts.foreign_model_refusal(hf)
+    if foreign is not None:
+        raise CheckpointError(foreign.message(f"attnres_lens loads the model types {SUPPORTED_MODEL_TYPES}"))
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = hf.get("architectures")
         raise ValueError(
@@ -378,15 +386,14 @@ def detect_format(
         return _vanilla_format(hf, flavour, schedule, recency_bias, n_blocks)
 
     mode = hf.get("attnres_mode", "block")
-    if mode not in SUPPORTED_ATTNRES_MODES:
-        raise CheckpointError(
-            f"attnres_mode {mode!r} is not supported; supported modes are {SUPPORTED_ATTNRES_MODES}"
-        )
+    refused = layouts.mode_refusal(mode)
+    if refused is not None:
+        raise CheckpointError(refused.message(f"supported modes are {SUPPORTED_ATTNRES_MODES}"))
+    mode = layouts.MODE_ALIASES.get(mode, mode)
     gate = hf.get("attnres_gate_type", "bias")
-    if gate not in SUPPORTED_GATE_TYPES:
-        raise CheckpointError(
-            f"attnres_gate_type {gate!r} is not supported; supported gate types are {SUPPORTED_GATE_TYPES}"
-        )
+    refused = layouts.gate_refusal(gate) or layouts.null_source_refusal(hf)
+    if refused is not None:
+        raise CheckpointError(refused.message(f"supported gate types are {SUPPORTED_GATE_TYPES}"))
     blocks = hf.get("attnres_num_blocks")
     if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
         raise CheckpointError(f"attnres_num_blocks must be a positive int, got {blocks!r}")
@@ -404,10 +411,6 @@ def detect_format(
 
     library = hf.get(LIBRARY_KEY) or {}
     saved_schedule = RoutingSchedule.from_dict(library.get("schedule"))
-    if detected == "kimi" and mode != "block" and not library:
-        raise CheckpointError(
-            f"kimi-flavour checkpoints are only supported in attnres_mode 'block', got {mode!r}"
-        )
     name = LIBRARY_KEY if library else f"qwen3_attnres/{detected}"
     return CheckpointFormat(name, detected, mode, blocks, True, saved_schedule)
 
@@ -421,7 +424,10 @@ def flavour_of_keys(keys: set[str]) -> str:
     if has_bias and has_final:
         raise CheckpointError(
             "ambiguous qwen3_attnres checkpoint: it has recency-bias keys (*_res_bias, the "
-            "cumulative flavour) and a final router (model.final_res_*, the kimi flavour)"
+            "cumulative flavour) and a final router (model.final_res_*, the kimi flavour). That is "
+            "open-attention-residuals' block mode (kimi-style blocks whose first block includes the "
+            "embedding, a recency bias on every router's last source and a biased final router), "
+            "which is not supported yet"
         )
     if has_bias:
         return "cumulative"
@@ -507,6 +513,7 @@ def read_checkpoint(
     dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
     source_files = _open_source(source)
+    check_config_types(source_files.hf, where=_config_path(source))
     fmt = detect_format(
         source_files.hf, source_files.keys,
         flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks,
@@ -597,6 +604,33 @@ def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
     if dtype not in allowed.values():
         raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype}")
     return dtype
+
+
+#: The Qwen3 config.json fields the loader reads as integers / as numbers.
+_INT_FIELDS = ("num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads", "num_hidden_layers",
+               "intermediate_size", "vocab_size", "max_position_embeddings")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "attnres_recency_bias_init")
+
+
+def check_config_types(hf: dict, where: str = "config.json") -> None:
+    """Refuse a config field of the wrong JSON type (``"num_hidden_layers": "four"``), naming
+    the field, its value and the file ``where``."""
+    for key in _INT_FIELDS + _NUMBER_FIELDS:
+        value = hf.get(key)
+        if value is None:
+            continue
+        integer = key in _INT_FIELDS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise CheckpointError(
+                f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}"
+            )
+
+
+def _config_path(source: Any) -> str:
+    """How messages name the config of ``source``: its path when it is a directory."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
+        return str(Path(source) / "config.json")
+    return "config.json"
 
 
 def _resolve_directory(source: Union[str, os.PathLike]) -> Path:

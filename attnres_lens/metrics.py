@@ -37,15 +37,16 @@ def next_token_loss(
 ) -> Tensor:
     """Next-token cross-entropy, as TransformerLens' ``lm_cross_entropy_loss``.
 
-    ``per_token`` returns ``[batch, pos - 1]``; otherwise the mean over predicted tokens, counting
-    only those whose target is unmasked when ``attention_mask`` is given."""
+    ``per_token`` returns ``[batch, pos - 1]``; otherwise the mean over predicted tokens. With
+    ``attention_mask`` only targets whose mask is 1 count: the mean leaves the others out and,
+    as in TransformerLens, ``per_token`` holds 0 at them (a pad target has no loss)."""
     nll = next_token_nll(logits, tokens)
-    if per_token:
-        return nll
     if attention_mask is None:
-        return nll.mean()
+        return nll if per_token else nll.mean()
     mask = attention_mask[:, 1:].to(nll.device, nll.dtype)
-    return (nll * mask).sum() / mask.sum().clamp_min(1)
+    if per_token:
+        return nll.masked_fill(mask == 0, 0.0)
+    return nll.masked_fill(mask == 0, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 def per_prompt_loss(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import pandas as pd
@@ -26,14 +27,25 @@ from .cache import AttnResActivationCache
 from .compat import HookedRootModule, HookPoint
 from .components import (
     Attention,
+    Embed,
     GatedMLP,
+    HeadInputs,
     KVCacheEntry,
     RMSNorm,
     SequenceContext,
+    Unembed,
+    per_head,
     rotary_cos_sin,
 )
 from .config import AttnResConfig, RoutingSchedule
 from .metrics import next_token_loss
+from .refusals import (
+    HookDict,
+    PartialStatePatchWarning,
+    missing_hook_error,
+    no_bos_message,
+    partial_patch_message,
+)
 from .router import DepthRouter, RouterSpec, closes_block_before, snapshot_after, source_layout
 from .selection import copies_of, duplicate_of
 from .sequence import is_right_padded, leading_pad_mask, padded_causal_mask, positions_from_mask
@@ -103,6 +115,10 @@ class AttnResBlock(nn.Module):
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = GatedMLP(cfg)
         self.hook_attn_in = HookPoint()
+        # TL's split-qkv inputs [batch, pos, head, d_model]; fire with cfg.use_split_qkv_input
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_mlp_in = HookPoint()
         self.hook_mlp_out = HookPoint()
@@ -135,7 +151,7 @@ class AttnResBlock(nn.Module):
         # cumulative: x is a true additive stream; the sublayer reads it through its router.
         x = state.current
         if is_attn:
-            x = self.hook_resid_pre(x)
+            x = self._stream_hook(self.hook_resid_pre, x, has_history=k > 0)
             # A snapshot taken just before (block start; the embedding at layer 0) is the same
             # tensor as x: a hook that replaced x replaces it there too, so patching
             # resid_pre[l] means what patching resid_post[l-1] means.
@@ -143,9 +159,19 @@ class AttnResBlock(nn.Module):
             completed = tuple(x if source is aliased else source for source in state.completed)
             state = DepthState(completed, x)
         x = x + self._sublayer(is_attn, state.sources(), seq)
-        x = self.hook_resid_mid(x) if is_attn else self.hook_resid_post(x)
+        x = self._stream_hook(self.hook_resid_mid if is_attn else self.hook_resid_post, x, has_history=True)
         completed = state.completed + ((x,) if snapshot_after(cfg, k) else ())
         return DepthState(completed, x)
+
+    def _stream_hook(self, hook: HookPoint, x: Tensor, has_history: bool) -> Tensor:
+        """Run a ``hook_resid_*`` point; when a hook edits the stream (a new tensor or an
+        in-place write) and older snapshots exist that the edit cannot reach, warn once (per
+        call site) with the depth-state call (``docs/hooks.md``, "Patching the residual")."""
+        version = x._version
+        out = hook(x)
+        if has_history and (out is not x or x._version != version):
+            warnings.warn(partial_patch_message(hook.name or "hook_resid"), PartialStatePatchWarning, stacklevel=2)
+        return out
 
     def _sublayer(self, is_attn: bool, sources: list[Tensor], seq: SequenceContext) -> Tensor:
         if is_attn:
@@ -153,9 +179,25 @@ class AttnResBlock(nn.Module):
         return self.mlp_sublayer(sources)
 
     def attn_sublayer(self, sources: list[Tensor], seq: SequenceContext) -> Tensor:
-        h = self.hook_attn_in(self.attn_router(sources))
+        h = self.attn_router(sources)
         kv = seq.kv_cache[self.layer] if seq.kv_cache is not None else None
-        return self.hook_attn_out(self.attn(self.ln1(h), seq.cos, seq.sin, seq.attn_mask, kv))
+        return self.hook_attn_out(self.attn(self.attn_input(h), seq.cos, seq.sin, seq.attn_mask, kv))
+
+    def attn_input(self, h: Tensor) -> Union[Tensor, HeadInputs]:
+        """What the attention reads, normed by ``ln1``: ``hook_attn_in`` ``[batch, pos,
+        d_model]``; per head under TL's ``use_split_qkv_input`` (``hook_q_input``/``hook_k_input``/
+        ``hook_v_input``) or ``use_attn_in`` (``hook_attn_in`` ``[batch, pos, head, d_model]``)."""
+        cfg, attn = self.cfg, self.attn
+        if cfg.use_split_qkv_input:
+            return HeadInputs(
+                self.ln1(self.hook_q_input(per_head(h, attn.n_heads))),
+                self.ln1(self.hook_k_input(per_head(h, attn.n_kv))),
+                self.ln1(self.hook_v_input(per_head(h, attn.n_kv))),
+            )
+        if getattr(cfg, "use_attn_in", False):
+            heads = self.ln1(self.hook_attn_in(per_head(h, attn.n_heads)))
+            return HeadInputs(heads, heads, heads)
+        return self.ln1(self.hook_attn_in(h))
 
     def mlp_sublayer(self, sources: list[Tensor]) -> Tensor:
         h = self.hook_mlp_in(self.mlp_router(sources))
@@ -188,7 +230,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             raise TypeError(f"cfg must be an AttnResConfig or a dict, got {type(cfg).__name__}")
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(AttnResBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.final_router = (
@@ -197,7 +239,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             else None
         )
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         #: How the routing was set when a plain Qwen3 was wrapped (see ``attnres_lens.loading``).
@@ -225,8 +267,15 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
                 for what in ("sources", "logits", "weights"):
                     alias = f"blocks.{block.layer}.hook_{sub}_router_{what}"
                     self.hook_aliases[alias] = f"blocks.{block.layer}.{sub}_router.hook_{what}"
+            if self.cfg.flavour == "cumulative":  # TL 4's block names for the stream
+                self.hook_aliases[f"blocks.{block.layer}.hook_in"] = f"blocks.{block.layer}.hook_resid_pre"
+                self.hook_aliases[f"blocks.{block.layer}.hook_out"] = f"blocks.{block.layer}.hook_resid_post"
         for alias, canonical in self.hook_aliases.items():
             self.mod_dict[alias] = self.mod_dict[canonical]
+        # A name that is not a hook of this flavour is refused with the one message that
+        # run_with_hooks, add_hook, the cache and the bridge share (attnres_lens.refusals).
+        self.mod_dict = HookDict(self.mod_dict, self.cfg.flavour, self.cfg.n_layers)
+        self.hook_dict = HookDict(self.hook_dict, self.cfg.flavour, self.cfg.n_layers)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -259,6 +308,10 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         device: Optional[Union[str, torch.device]] = None,
         tokenizer: Any = None,
         fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
     ) -> "HookedAttnResTransformer":
         """Load a checkpoint, or wrap a vanilla Qwen3.
 
@@ -276,10 +329,18 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         - a checkpoint written by :meth:`save_pretrained`, schedule included.
 
         ``dtype`` is float32 (default), bfloat16 or float16. The user's model is never changed.
-        ``fold_ln=True`` folds the RMSNorm gains into the weights that read them (see
-        :meth:`process_weights_`).
+        TransformerLens' weight-processing keywords (``fold_ln``, ``center_writing_weights``,
+        ``center_unembed``, ``fold_value_biases``, ``refactor_factored_attn_matrices``; all off
+        by default) are applied where exact and otherwise refused with ``ValueError`` before
+        anything is read (see :meth:`process_weights_`).
         """
         from .loading import read_checkpoint
+
+        processing = dict(
+            fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+        cls.check_weight_processing(**processing)
 
         model = read_checkpoint(
             source,
@@ -291,8 +352,8 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             device=device,
             tokenizer=tokenizer,
         ).into(cls)
-        if fold_ln:
-            model.process_weights_(fold_ln=True)
+        if any(processing.values()):
+            model.process_weights_(**processing)
         return model
 
     def save_pretrained(self, directory: Any, *, max_shard_size: Union[int, str, None] = None) -> Any:
@@ -302,6 +363,12 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         from .loading import save_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """``blocks`` under the Hugging Face Qwen3 name, for recipes that walk
+        ``model.model.layers[i]`` (nnsight): the same module list, not a second registration."""
+        return self.blocks
 
     # ---------------------------------------------------------------------- routing layout
     @property
@@ -679,6 +746,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         ``names_filter`` may use the block-level aliases; the cache holds them as keys too
         (same tensors, no copies)."""
         names_filter = self._expand_alias_filter(names_filter)
+        backward_hooks = any(hp.bwd_hooks for hp in self.hook_dict.values())
         out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
         for alias, canonical in self.hook_aliases.items():
             for suffix in ("", "_grad"):
@@ -687,7 +755,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         if not return_cache_object:
             return out, cache_dict
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
-        return out, AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache = AttnResActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
+        cache.recorded_with_backward_hooks = backward_hooks
+        return out, cache
 
     def _expand_alias_filter(self, names_filter: Any) -> Any:
         if names_filter is None:
@@ -698,7 +768,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         if isinstance(names_filter, (list, tuple)):
             unknown = [n for n in names_filter if n not in self.mod_dict]
             if unknown:
-                raise KeyError(f"unknown hook names in names_filter: {unknown}")
+                raise missing_hook_error(unknown[0], self.cfg.flavour, self.cfg.n_layers)
             return [self.hook_aliases.get(n, n) for n in names_filter]
         if callable(names_filter):
             user_filter = names_filter
@@ -706,6 +776,41 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
                 name in canonical_to_alias and bool(user_filter(canonical_to_alias[name]))
             )
         raise ValueError("names_filter must be None, a string, a list of strings, or a function")
+
+    # ---------------------------------------------------------------------- TL's hook switches
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TL's switch: ``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]`` fires with
+        each head's write ``z_h @ W_O[h]``, and the heads sum to ``hook_attn_out``."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TL's switch: each head reads its own copy of the routed input, hooked as
+        ``blocks.{l}.hook_q_input`` ``[batch, pos, head, d_model]`` and ``hook_k_input``/
+        ``hook_v_input`` ``[batch, pos, kv_head, d_model]`` (before ``ln1``, as TL)."""
+        if use_split_qkv_input and getattr(self.cfg, "use_attn_in", False):
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive: call set_use_attn_in(False) first")
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TL's switch: ``blocks.{l}.hook_attn_in`` fires per head, ``[batch, pos, head,
+        d_model]`` (each head's copy of the routed input, before ``ln1``). Refused on
+        grouped-query models, whose key/value heads are shared by several query heads (use
+        :meth:`set_use_split_qkv_input`)."""
+        if use_attn_in and self.cfg.use_split_qkv_input:
+            raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive: call set_use_split_qkv_input(False) first")
+        if use_attn_in and self.cfg.n_key_value_heads not in (None, self.cfg.n_heads):
+            raise ValueError(
+                f"use_attn_in needs one input per head, and this grouped-query model shares each of its "
+                f"{self.cfg.n_key_value_heads} key/value heads between {self.cfg.n_heads // self.cfg.n_key_value_heads} "
+                "query heads; use set_use_split_qkv_input(True) (hook_q_input per query head, "
+                "hook_k_input/hook_v_input per key/value head)"
+            )
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """TL's switch for ``blocks.{l}.hook_mlp_in``. That hook (the routed MLP input, before
+        ``ln2``) always fires here, so this only records the setting."""
+        self.cfg.use_hook_mlp_in = bool(use_hook_mlp_in)
 
     def set_materialize_patterns(self, on: bool = True) -> None:
         """Build every attention pattern (``attn.hook_pattern``/``hook_attn_scores``) even when
@@ -755,6 +860,8 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         bos = getattr(self.tokenizer, "bos_token_id", None)
+        if prepend_bos and bos is None:
+            raise ValueError(no_bos_message(getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)))
         seqs = []
         for text in texts:
             ids = list(self._encode(text))

@@ -10,8 +10,9 @@ schedule against an AttnRes model whose routing was trained, under identical int
   :data:`MODEL_FIELDS`);
 - ``figures/*.png``: per model and grouping, mass and effect heatmaps and the mass-vs-effect
   scatter, plus ``content_dependence.png`` comparing the models router by router;
-- ``report.html``: every model and grouping with interactive (plotly) figures and the tables,
-  self-contained (opens offline); written when plotly is installed (the ``viz`` extra).
+- ``report.html``: ``report.md`` element for element, each figure followed by its interactive
+  (plotly) version and each grouping by the whole table and the routing tables, self-contained
+  (opens offline); written when plotly is installed (the ``viz`` extra).
 
 ``attnres-lens demo`` runs it on the bundled models, ``attnres-lens probe`` on any checkpoint.
 """
@@ -327,23 +328,36 @@ def _write_report(out: Path, summary: dict, reports: dict, *, title: str, intro:
             _write_report_figures(report, fig_dir, f"{name}_{grouping}")
     _plot_content_dependence(summary, fig_dir / "content_dependence.png")
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=1) + "\n")
-    (out / "report.md").write_text(_report_markdown(summary, reports, title=title, intro=intro))
-    _write_html_report(reports, out / "report.html", title=title, intro=intro)
+    markdown = _report_markdown(summary, reports, title=title, intro=intro)
+    (out / "report.md").write_text(markdown)
+    _write_html_report(markdown, summary, reports, out / "report.html", title=title)
 
 
-def _write_html_report(reports: dict, path: Path, *, title: str, intro: str) -> None:
-    """``report.html``: every (model, grouping) report with its interactive figures, one page
-    (:func:`attnres_lens.viz.write_html_report`). Needs plotly (the ``viz`` extra); without it
-    the page is skipped with a warning naming the install command."""
+def _write_html_report(markdown: str, summary: dict, reports: dict, path: Path, *, title: str) -> None:
+    """``report.html``: ``report.md`` element for element (:func:`attnres_lens.viz.write_markdown_html`),
+    with each PNG followed by its interactive version and each grouping's section closed by the
+    whole table and the routing tables. Needs plotly (the ``viz`` extra); without it the page is
+    skipped with a warning naming the install command."""
     try:
         import plotly  # noqa: F401
     except ImportError:
         warnings.warn("report.html not written: it needs plotly (pip install 'attnres_lens[viz]')", stacklevel=3)
         return
-    from .viz import write_html_report
+    from .viz import plot_effect_heatmap, plot_mass_effect_scatter, plot_routing_heatmap, write_markdown_html
+    from .viz.html_report import report_extras
 
-    pages = {f"{name} \u00b7 {group}": report for name, groups in reports.items() for group, report in groups.items()}
-    write_html_report(pages, path, title=title, intro=intro)
+    figures, extras = {}, {}
+    for name, groups in reports.items():
+        for grouping, report in groups.items():
+            paths = summary["models"][name]["groups"][grouping]["figures"]
+            try:
+                figures[paths["mass"]] = [plot_routing_heatmap(report, title=f"{name}: routing mass (mean over tokens)")]
+            except ValueError:  # a grouped report without routing statistics: no routers x sources mass
+                pass
+            figures[paths["effect"]] = [plot_effect_heatmap(report)]
+            figures[paths["scatter"]] = [plot_mass_effect_scatter(report)]
+            extras[paths["scatter"]] = report_extras(report)
+    write_markdown_html(markdown, path, base_dir=path.parent, title=title, figures=figures, extras=extras)
 
 
 def _check_subjects(subjects: Sequence[Subject], settings: ProtocolSettings) -> None:
@@ -608,7 +622,8 @@ def _files_section() -> list[str]:
         + ", ".join(f"`{k}`" for k in GROUP_FIELDS)
         + ".",
         "- `figures/`: the PNGs embedded above.",
-        "- `report.html`: the same reports with interactive figures (hover any cell), self-contained.",
+        "- `report.html`: this report, each figure followed by its interactive version (hover any cell), "
+        "and the whole tables; self-contained.",
         "",
     ]
 

@@ -153,6 +153,155 @@ if UNAVAILABLE_REASON is None:
             if stop == self._layer:
                 raise StopAtLayerException(self.hook_in(state.current))
 
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .cache import AttnResActivationCache
+    from .refusals import missing_hook_error, no_bos_message
+    from .tokenizer import BYTE_LEVEL_MARK
+
+    #: TL's ``set_use_*`` switches the bridge forwards to this library's modules.
+    HOOK_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+
+    class AttnResBridge(TransformerBridge):
+        """The ``TransformerBridge`` that ``boot_transformers`` returns for this architecture
+        (the adapter sets it as the bridge's class when the bridge is built). It keeps TL's
+        bridge as it is and applies this library's contract (``docs/hooks.md``) where TL's
+        generic code would be silently wrong or refuse with a bare ``KeyError``:
+
+        - ``run_with_cache`` returns an :class:`~attnres_lens.cache.AttnResActivationCache`, so
+          the bridge's cache is routing-aware (kimi) exactly as ``HookedAttnResTransformer``'s;
+        - a hook name that does not exist on the flavour is refused with the message
+          ``run_with_hooks``/``add_hook``/the cache give on ``HookedAttnResTransformer``;
+        - ``set_use_attn_result``/``set_use_split_qkv_input``/``set_use_attn_in``/
+          ``set_use_hook_mlp_in`` switch this library's hooks (TL's names and shapes);
+        - ``process_weights``/``enable_compatibility_mode`` fold for real (``fold_ln``,
+          ``center_unembed``), refuse what is not exact with ``ValueError``;
+        - ``to_tokens(prepend_bos=True)`` is refused when the model has no BOS token."""
+
+        # ---------------------------------------------------------------- our model
+        @property
+        def attnres(self) -> "HookedAttnResTransformer":
+            """This library's model over the bridge's weights (:func:`attnres_model`)."""
+            return self.adapter.attnres_model
+
+        @property
+        def _running_model(self) -> "HookedAttnResTransformer":
+            """The model the bridge runs (the Hugging Face model's ``.model``)."""
+            return self.original_model.model
+
+        # ---------------------------------------------------------------- hooks
+        def _refuse_unknown_hooks(self, names: Any) -> None:
+            for name in names:
+                if isinstance(name, str) and self.get_hook_point(name) is None and name not in self.hook_dict:
+                    raise missing_hook_error(name, self.attnres.cfg.flavour, self.attnres.cfg.n_layers)
+
+        def add_hook(self, name: Any, hook_fn: Any, dir: str = "fwd", is_permanent: bool = False) -> None:
+            self._refuse_unknown_hooks([name])
+            return super().add_hook(name, hook_fn, dir=dir, is_permanent=is_permanent)
+
+        def run_with_hooks(self, input: Any, fwd_hooks: Any = (), bwd_hooks: Any = (), *args: Any, **kwargs: Any) -> Any:
+            self._refuse_unknown_hooks([name for name, _ in list(fwd_hooks) + list(bwd_hooks)])
+            return super().run_with_hooks(input, list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+
+        def run_with_cache(self, *args: Any, return_cache_object: bool = True, **kwargs: Any) -> Any:
+            names = kwargs.get("names_filter")
+            self._refuse_unknown_hooks([names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else [])
+            backward_hooks = any(hp.bwd_hooks for hp in self.hook_dict.values())
+            out, cache = super().run_with_cache(*args, return_cache_object=return_cache_object, **kwargs)
+            if not return_cache_object:
+                return out, cache
+            ours = AttnResActivationCache(cache.cache_dict, self.attnres, has_batch_dim=cache.has_batch_dim)
+            ours.recorded_with_backward_hooks = backward_hooks
+            return out, ours
+
+        def _set_switch(self, flag: str, value: bool) -> None:
+            getattr(self._running_model, f"set_{flag}")(value)  # validates first (e.g. GQA and attn_in)
+            self.cfg._set_bridge_managed_hook_flag(flag, bool(value))
+            getattr(self.attnres, f"set_{flag}")(value)
+
+        def set_use_attn_result(self, use_attn_result: bool) -> None:
+            """``blocks.{l}.attn.hook_result`` ``[batch, pos, head, d_model]``: each head's write,
+            summing to ``hook_attn_out`` (see ``HookedAttnResTransformer.set_use_attn_result``)."""
+            self._set_switch("use_attn_result", use_attn_result)
+
+        def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+            """``blocks.{l}.hook_q_input``/``hook_k_input``/``hook_v_input`` per head."""
+            self._set_switch("use_split_qkv_input", use_split_qkv_input)
+
+        def set_use_attn_in(self, use_attn_in: bool) -> None:
+            """``blocks.{l}.hook_attn_in`` per head, ``[batch, pos, head, d_model]``."""
+            self._set_switch("use_attn_in", use_attn_in)
+
+        def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+            """``blocks.{l}.hook_mlp_in``: the routed MLP input, before ``ln2``."""
+            super().set_use_hook_mlp_in(use_hook_mlp_in)
+            self._set_switch("use_hook_mlp_in", use_hook_mlp_in)
+
+        # ---------------------------------------------------------------- weights
+        def enable_compatibility_mode(
+            self,
+            disable_warnings: bool = False,
+            no_processing: bool = False,
+            fold_ln: bool = True,
+            center_writing_weights: Optional[bool] = None,
+            center_unembed: bool = True,
+            fold_value_biases: bool = True,
+            refactor_factored_attn_matrices: bool = False,
+        ) -> None:
+            """TL's ``enable_compatibility_mode`` with weight processing that is done for real
+            (:meth:`process_weights`). ``center_writing_weights`` defaults to ``None``: TL's
+            default, which TL itself skips for RMSNorm models; ``True`` is refused."""
+            if not no_processing:
+                HookedAttnResTransformer.check_weight_processing(
+                    center_writing_weights=bool(center_writing_weights),
+                    refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+                )
+            self._processing = dict(fold_ln=fold_ln, center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+            return super().enable_compatibility_mode(
+                disable_warnings=disable_warnings, no_processing=no_processing, fold_ln=fold_ln,
+                center_writing_weights=bool(center_writing_weights), center_unembed=center_unembed,
+                fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            )
+
+        def process_weights(
+            self,
+            verbose: bool = False,
+            fold_ln: bool = True,
+            center_writing_weights: Optional[bool] = None,
+            center_unembed: bool = True,
+            fold_value_biases: bool = True,
+            refactor_factored_attn_matrices: bool = False,
+        ) -> None:
+            """TL's weight processing, applied by ``HookedAttnResTransformer.process_weights_``
+            to the weights the bridge runs: ``fold_ln`` folds the sublayer norms' and
+            ``ln_final``'s gains (logits unchanged within float rounding), ``center_unembed``
+            centres ``W_U`` (probabilities unchanged), ``fold_value_biases`` is a no-op (no
+            value biases). Refused with ``ValueError``: ``center_writing_weights=True`` and
+            ``refactor_factored_attn_matrices=True`` (not exact here). ``None`` for
+            ``center_writing_weights`` is TL's default, which TL skips for RMSNorm models. Both
+            steps are idempotent, so a second call changes nothing."""
+            del verbose
+            processing = dict(
+                fold_ln=fold_ln, center_writing_weights=bool(center_writing_weights), center_unembed=center_unembed,
+                fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+            )
+            HookedAttnResTransformer.check_weight_processing(**processing)
+            twin, running = self.attnres, self._running_model
+            twin.process_weights_(**processing)  # in place on the tensors the bridge runs
+            if running.unembed.weight is not twin.unembed.weight:  # untied by the fold
+                running.unembed.weight = twin.unembed.weight
+                running.cfg.tie_word_embeddings = twin.cfg.tie_word_embeddings
+            self._weights_processed = True
+
+        # ---------------------------------------------------------------- tokens
+        def to_tokens(self, input: Any, prepend_bos: Optional[bool] = None, *args: Any, **kwargs: Any) -> Any:
+            """TL's ``to_tokens``; ``prepend_bos=True`` is refused when the model has no BOS
+            token (TL would prepend the ``<|endoftext|>`` it added to the tokenizer)."""
+            wants_bos = getattr(self.cfg, "default_prepend_bos", False) if prepend_bos is None else prepend_bos
+            if wants_bos and not getattr(self.adapter, "model_has_bos", True):
+                raise ValueError(no_bos_message(self.tokenizer.name_or_path or "hf_byte_tokenizer()"))
+            return super().to_tokens(input, prepend_bos, *args, **kwargs)
+
     def _drop_hook(component: GeneralizedComponent, name: str) -> None:
         """Remove a hook point the base class created but this component cannot fire."""
         component._hook_registry.pop(name, None)
@@ -214,6 +363,17 @@ if UNAVAILABLE_REASON is None:
             # Taken before the bridge wraps the modules (which renames their parameters and
             # hook points): our tools get a model of their own over the same tensors.
             self.attnres_model = sharing_weights(inner)
+
+    def _setup_hook_compatibility(self: Any, bridge: Any) -> None:
+        """TL calls this on the adapter when it builds the bridge (and again in
+        ``enable_compatibility_mode``): the bridge becomes an :class:`AttnResBridge`."""
+        if not isinstance(bridge, AttnResBridge):
+            bridge.__class__ = AttnResBridge
+            # The byte tokenizer has no BOS, and TL then installs ``<|endoftext|>`` as one (an
+            # id this model never saw); any other tokenizer keeps TL's BOS behaviour.
+            self.model_has_bos = not getattr(bridge.tokenizer, BYTE_LEVEL_MARK, False)
+
+    AttnResArchitectureAdapter.setup_hook_compatibility = _setup_hook_compatibility
 
     def sharing_weights(model: "HookedAttnResTransformer") -> "HookedAttnResTransformer":
         """A new :class:`HookedAttnResTransformer` over the same parameter tensors as ``model``:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 N_BYTES = 256
+#: Set on :func:`hf_byte_tokenizer`'s tokenizers: they have no BOS (and TL's ``<|endoftext|>``,
+#: which TransformerLens adds as one, is no token of a byte-level model).
+BYTE_LEVEL_MARK = "attnres_byte_level"
 
 
 class ByteTokenizer:
@@ -62,7 +65,11 @@ class ByteTokenizer:
 
 def hf_byte_tokenizer():
     """The byte tokenizer as a Hugging Face ``PreTrainedTokenizerFast`` (same ids, same
-    padding), for tools that require one, such as TransformerLens' ``TransformerBridge``."""
+    padding), for tools that require one, such as TransformerLens' ``TransformerBridge``.
+
+    It declares exactly what a byte-level model embeds: the 256 byte values (``vocab_size``),
+    the pad id 0, and no BOS/EOS. TransformerLens adds ``<|endoftext|>`` (id 256) as BOS/EOS
+    to such a tokenizer; the bridge refuses ``prepend_bos=True`` on it (``docs/hooks.md``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -72,6 +79,11 @@ def hf_byte_tokenizer():
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=symbol[ByteTokenizer.pad_token_id], padding_side="right"
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=symbol[ByteTokenizer.pad_token_id],
+        padding_side="right",
+        name_or_path=ByteTokenizer.name_or_path,
     )
+    setattr(hf, BYTE_LEVEL_MARK, True)
+    return hf

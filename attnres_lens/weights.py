@@ -10,8 +10,9 @@ model-level ``W_Q``... stack them over layers (a copy, as in TransformerLens).
 ``W_in``/``W_gate``; the gains become 1. The model computes the same function (within float
 rounding). The routers' key norms, and QK-norm's per-head norms, keep their gains: a router's
 key norm gain is part of its logit, not of a linear map that follows, and QK-norm normalises
-after the projection. Centring options are refused: centring the residual writes (or the
-unembedding) is exact only when every reader subtracts the mean, which RMSNorm does not.
+after the projection. ``center_unembed`` is applied (it moves every logit of a position by one constant);
+``center_writing_weights`` is refused: centring the residual writes is exact only when every
+reader subtracts the mean, which RMSNorm does not.
 """
 
 from __future__ import annotations
@@ -157,35 +158,73 @@ class TLWeights:
         fold_ln: bool = True,
         center_writing_weights: bool = False,
         center_unembed: bool = False,
+        fold_value_biases: bool = False,
         refactor_factored_attn_matrices: bool = False,
     ) -> None:
         """TransformerLens' weight processing, where it is exact for this architecture.
 
-        ``fold_ln`` folds the RMSNorm gains read by linear maps (see the module docstring); the
-        logits stay the same within float rounding, and ``cache.apply_ln_to_stack(...) @ W_U``
-        is then exact direct logit attribution (TL's frozen-scale sense). The centring options
-        are refused with ``ValueError`` (RMSNorm does not subtract the mean), as is
-        ``refactor_factored_attn_matrices`` (QK-norm and rotary sit between ``W_Q`` and ``W_K``).
+        - ``fold_ln`` folds the RMSNorm gains read by linear maps (see the module docstring);
+          the logits stay the same within float rounding, and ``cache.apply_ln_to_stack(...) @
+          W_U`` is then exact direct logit attribution (TL's frozen-scale sense).
+        - ``center_unembed`` subtracts from ``W_U`` its mean over the vocabulary, as TL: every
+          logit of a position moves by the same constant, so probabilities and logit
+          differences are unchanged.
+        - ``fold_value_biases`` is exact and a no-op: Qwen3 attention has no value bias.
+        - ``center_writing_weights`` (``ValueError``): exact only when every reader subtracts the
+          mean, and RMSNorm does not.
+        - ``refactor_factored_attn_matrices`` (``ValueError``): QK-norm and rotary sit between
+          ``W_Q`` and ``W_K``.
+
+        Every option is checked before any weight changes.
         """
-        for name, value in (("center_writing_weights", center_writing_weights), ("center_unembed", center_unembed)):
-            if value:
-                raise ValueError(f"{name}=True " + CENTRING_REFUSAL.format(name=name))
+        self.check_weight_processing(
+            center_writing_weights=center_writing_weights,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+        if fold_ln:
+            self.fold_layer_norm()
+        if center_unembed:
+            self.center_unembed()
+
+    @staticmethod
+    def check_weight_processing(
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> None:
+        """Raise ``ValueError`` (with the reason) for the TL weight-processing options that are
+        not exact for this architecture; the others pass. Changes nothing."""
+        del fold_ln, center_unembed, fold_value_biases  # exact: applied (or a no-op)
+        if center_writing_weights:
+            raise ValueError("center_writing_weights=True " + CENTRING_REFUSAL.format(name="center_writing_weights"))
         if refactor_factored_attn_matrices:
             raise ValueError(
                 "refactor_factored_attn_matrices=True is not exact for this model: QK-norm and "
                 "rotary act between W_Q and W_K, so W_Q W_K^T cannot be refactored. Pass False."
             )
-        if fold_ln:
-            self.fold_layer_norm()
+
+    @torch.no_grad()
+    def center_unembed(self) -> None:
+        """Subtract from ``W_U`` its mean over the vocabulary (TL's ``center_unembed``): logits
+        move by one constant per position, so probabilities are unchanged. A tied unembedding
+        is untied first (the embedding must stay as it is)."""
+        self._untie_unembed()
+        weight = self.unembed.weight  # [d_vocab, d_model]
+        weight.copy_((weight.float() - weight.float().mean(0, keepdim=True)).to(weight.dtype))
+
+    def _untie_unembed(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.unembed.weight = torch.nn.Parameter(self.unembed.weight.detach().clone())
+            self.cfg.tie_word_embeddings = False
 
     @torch.no_grad()
     def fold_layer_norm(self) -> None:
         """Fold ``ln_final`` into ``W_U``, ``ln1`` into ``W_Q/W_K/W_V``, ``ln2`` into
         ``W_in/W_gate``, and set those gains to 1. A tied unembedding is untied first (the
         embedding must stay unscaled)."""
-        if self.cfg.tie_word_embeddings:
-            self.unembed.weight = torch.nn.Parameter(self.unembed.weight.detach().clone())
-            self.cfg.tie_word_embeddings = False
+        self._untie_unembed()
         _fold(self.ln_final, [self.unembed])
         for block in self.blocks:
             _fold(block.ln1, [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj])

@@ -8,6 +8,7 @@ render a screenshot that is not blank.
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 
@@ -154,3 +155,136 @@ def test_explorer_snapshot_in_chromium(driver, model, tmp_path):
     assert alpha != pytest.approx(explorer.session.clean_routing[router][2, 1], abs=1e-3)
     assert f"mass = {alpha:.3f}" in text
     _not_blank(driver, tmp_path / "explorer.png")
+
+
+def test_circuit_figure_in_chromium(driver, model, tmp_path):
+    from attnres_lens.circuits import Circuit, DepthGraph, circuit_figure, score_edges
+
+    clean = torch.randint(1, 250, (4, 8), generator=torch.Generator().manual_seed(2))
+    corrupt = torch.randint(1, 250, (4, 8), generator=torch.Generator().manual_seed(3))
+    graph = DepthGraph.from_model(model)
+    scores = score_edges(model, clean, corrupt, graph=graph)
+    path = tmp_path / "circuit.html"
+    circuit_figure(graph, scores, Circuit.of(scores.top(3)), path=path)
+    log = _open(driver, path, n_plots=1)
+    assert _errors(log) == [], f"JavaScript errors: {_errors(log)}"
+    div = driver.execute_script("return document.querySelector('.js-plotly-plot').id")
+    top = scores.keys.index(scores.ranking()[0])
+    edge = graph.routing_edges[top]
+    from attnres_lens.circuits.figure import node_positions
+
+    xy = node_positions(graph)
+    mid_x, mid_y = (xy[edge.src][0] + xy[edge.dst][0]) / 2, (xy[edge.src][1] + xy[edge.dst][1]) / 2
+    text = _hover(driver, div, mid_y, mid_x)
+    assert edge.id in text and f"effect: {scores.score[top]:+.4f}" in text and "in circuit: yes" in text
+    _not_blank(driver, tmp_path / "circuit.png")
+
+
+# ----------------------------------------------------------------------------- report.html = report.md + more (issue 25 Q 3)
+@pytest.fixture(scope="module")
+def protocol_report(model, tmp_path_factory):
+    from attnres_lens.protocol import Subject, run_protocol
+
+    out = tmp_path_factory.mktemp("protocol") / "report"
+    tokens = torch.randint(1, 250, (8, 10), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_protocol([Subject("tiny", model, description="a tiny cumulative model")], tokens, out,
+                     groups=["slice", "family_band"], n_boot=40, progress=False)
+    return out
+
+
+def _plain(markdown_text: str) -> str:
+    """What a reader sees of one line of markdown: no markup, one space between words."""
+    text = markdown_text.replace("\\|", "|").replace("**", "").replace("`", "")
+    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"\1", text)
+    return " ".join(text.split())
+
+
+def _markdown_parts(markdown: str) -> dict[str, list]:
+    """report.md's parts, read independently of the library's converter."""
+    lines, parts = markdown.splitlines(), {"headings": [], "items": [], "paragraphs": [], "images": [], "tables": [], "code": []}
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            end = lines.index("```", i + 1)
+            parts["code"].append(" ".join("\n".join(lines[i + 1:end]).split()))
+            i = end
+        elif re.match(r"#{1,6} ", line):
+            parts["headings"].append(_plain(line.lstrip("#")))
+        elif line.startswith("|"):
+            parts["tables"].append([_plain(c) for c in re.split(r"(?<!\\)\|", line)[1:-1]])  # the header row
+            while i + 1 < len(lines) and lines[i + 1].startswith("|"):
+                i += 1
+        elif line.startswith("- "):
+            parts["items"].append(_plain(line[2:]))
+        elif "![" in line:
+            parts["images"] += re.findall(r"!\[[^\]]*\]\(([^)]+)\)", line)
+        elif line.strip():
+            parts["paragraphs"].append(_plain(line))
+        i += 1
+    return parts
+
+
+def test_report_html_holds_every_part_of_report_md(driver, protocol_report):
+    """Every heading, list item, paragraph, fenced block, table (by its header) and figure of
+    report.md is in report.html, as a reader of the page sees it; each figure of a grouping also
+    has its interactive version, and each grouping the whole table."""
+    md = _markdown_parts((protocol_report / "report.md").read_text())
+    assert md["headings"] and md["tables"] and md["images"] and md["items"] and md["code"]
+    page = protocol_report / "report.html"
+    n_plots = sum(1 for p in md["images"] if "content_dependence" not in p)
+    assert _errors(_open(driver, page, n_plots)) == []
+    js = driver.execute_script
+    texts = lambda selector: [" ".join(t.split()) for t in js(
+        f"return [...document.querySelectorAll({selector!r})].map(e => e.innerText)")]
+    assert texts("h1, h2, h3") == md["headings"]
+    for kind, selector in (("items", "li"), ("paragraphs", "p"), ("code", "pre")):
+        shown = set(texts(selector))
+        missing = [x for x in md[kind] if x not in shown]
+        assert missing == [], (kind, missing[:3])
+    headers = [[" ".join(c.split()) for c in row] for row in js(
+        "return [...document.querySelectorAll('table.report-table')].map(t => [...t.querySelectorAll('thead th')].map(c => c.innerText))")]
+    assert headers == md["tables"]
+    images = js("return [...document.querySelectorAll('img[data-path]')].map(i => [i.dataset.path, i.naturalWidth])")
+    assert [p for p, _ in images] == md["images"] and all(width > 100 for _, width in images)
+    interactive = js("return [...document.querySelectorAll('.interactive .js-plotly-plot')].length")
+    assert interactive == n_plots
+    assert len(texts("details summary")) >= 2 and "The whole table (every column)" in texts("details summary")
+
+
+_BOXES = """
+return [...document.querySelectorAll('.js-plotly-plot')].map(plot => {
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const all = sel => [...plot.querySelectorAll(sel)].filter(e => e.textContent.trim()).map(e => [e.textContent, box(e)]);
+  const bg = plot.querySelector('.cartesianlayer .bg, .bglayer rect');
+  return {id: plot.id, svg: box(plot.querySelector('.main-svg')), area: bg ? box(bg) : null,
+          colourbar: all('.colorbar text'), titles: all('.g-xtitle text, .g-ytitle text, .g-gtitle text'),
+          ticks: all('.xtick text, .ytick text'), legend: all('.legend text'),
+          rows: plot.querySelectorAll('.ytick').length};
+});
+"""
+
+
+def _overlap(a, b, slack: float = 1.0) -> bool:
+    return a[0] < b[2] - slack and b[0] < a[2] - slack and a[1] < b[3] - slack and b[1] < a[3] - slack
+
+
+def test_no_figure_label_of_report_html_overlaps_or_is_clipped(driver, protocol_report):
+    """Measured in the page: every colour-bar label, axis title, tick label and legend entry lies
+    inside its figure, no two of them overlap, and a heatmap gives each row room (the family x
+    band heatmap was squashed into ~50 px, its colour-bar labels on top of each other)."""
+    md = _markdown_parts((protocol_report / "report.md").read_text())
+    _open(driver, protocol_report / "report.html", sum(1 for p in md["images"] if "content_dependence" not in p))
+    for plot in driver.execute_script(_BOXES):
+        labels = plot["colourbar"] + plot["titles"] + plot["legend"]
+        svg = plot["svg"]
+        for text, b in labels + plot["ticks"]:
+            assert svg[0] - 1 <= b[0] and b[2] <= svg[2] + 1 and svg[1] - 1 <= b[1] and b[3] <= svg[3] + 1, (plot["id"], text, b, svg)
+        for i, (text_a, a) in enumerate(labels):
+            for text_b, b in labels[i + 1:] + plot["ticks"]:
+                assert not _overlap(a, b), (plot["id"], text_a, text_b, a, b)
+        if plot["area"] is not None and plot["rows"]:
+            height = plot["area"][3] - plot["area"][1]
+            assert height / plot["rows"] >= 18, (plot["id"], height, plot["rows"])

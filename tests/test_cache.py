@@ -100,7 +100,17 @@ def test_tl_cache_helpers_run(flavour):
     _, cache = model.run_with_cache(TOKENS)
     heads, labels = cache.stack_head_results(layer=-1, return_labels=True)
     assert heads.shape == (16, 2, 9, model.cfg.d_model) and labels[:2] == ["L0H0", "L0H1"]
-    assert (heads[:4].sum(0) - cache["blocks.0.hook_attn_out"]).abs().max().item() <= 1e-5
+    # each head's write z @ W_O sums to attn_out
+    z = cache["blocks.0.attn.hook_z"]
+    per_head = torch.einsum("bphd,hdm->bphm", z, model.blocks[0].attn.W_O)
+    assert (per_head.sum(-2) - cache["blocks.0.hook_attn_out"]).abs().max().item() <= 1e-5
+    # the stack's rows: cumulative, the heads' writes into the stream; kimi (issue 24), each
+    # weighted by the final router's mass on its source, so they sum to decompose_resid's row
+    rows, row_labels = cache.decompose_resid(layer=-1, return_labels=True)
+    expected = rows[row_labels.index("0_attn_out")]
+    if flavour == "cumulative":
+        assert (expected - cache["blocks.0.hook_attn_out"]).abs().max().item() <= 1e-5
+    assert (heads[:4].sum(0) - expected).abs().max().item() <= 1e-5
     neurons = cache.get_neuron_results(1)
     assert (neurons.sum(-2) - cache["blocks.1.hook_mlp_out"]).abs().max().item() <= 1e-5
 

@@ -103,10 +103,14 @@ def _assert_html_report(out, summary):
     assert page.count("<script src=") == 0 and page.count("Plotly.newPlot") >= 2 * sum(
         len(entry["groups"]) for entry in summary["models"].values()
     )
+    from attnres_lens.viz.html_report import slug
+
     for name, entry in summary["models"].items():
-        for group in entry["groups"]:
-            slug = "".join(ch if ch.isalnum() else "-" for ch in f"{name} \u00b7 {group}")
-            assert f'<h2 id="{slug}">' in page and f'id="{slug}-figure-1"' in page, slug
+        for group in entry["groups"].values():
+            for kind, path in group["figures"].items():  # the PNG, then its interactive version
+                assert f'data-path="{path}"' in page, path
+                if kind in ("effect", "scatter"):
+                    assert f'id="interactive-{slug(path)}-0"' in page, path
     assert page.count("plotly.js v") == 1  # embedded once: opens offline by double-click
 
 

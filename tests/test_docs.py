@@ -60,9 +60,15 @@ def test_hook_table_lists_every_hook_with_its_shape(cfg):
     table = _hook_table()
     assert len(table) >= 40 and all(row["meaning"] for row in table)
     model = HookedAttnResTransformer(cfg)
+    model.set_use_attn_result(True)  # TL's switched hooks fire: hook_result here, and
     batch, n_pos = 2, 5
     tokens = torch.randint(0, cfg.d_vocab, (batch, n_pos))
     _, cache = model.run_with_cache(tokens)
+    model.set_use_split_qkv_input(True)  # hook_{q,k,v}_input in a second run
+    _, split_cache = model.run_with_cache(tokens)
+    for name, value in split_cache.cache_dict.items():
+        if name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")):
+            cache.cache_dict[name] = value
     n_sources = {spec.name: spec.n_sources for spec in model.router_specs}
     dims = {
         "batch": batch, "pos": n_pos, "query_pos": n_pos, "key_pos": n_pos, "d_model": cfg.d_model,

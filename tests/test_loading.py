@@ -235,10 +235,15 @@ def test_unsupported_gate_type_is_refused(tmp_path, base):
         HookedAttnResTransformer.from_pretrained(tmp_path)
 
 
-def test_kimi_full_mode_from_the_wild_is_refused(tmp_path, base):
+def test_kimi_full_mode_from_the_wild_loads_as_the_spec_says(tmp_path, base):
+    # Refused until issue O: delta-attention-residuals' attnres_mode "full" is the kimi full mode
+    # (its parity with that repository's own forward: tests/test_layouts.py).
     write_attnres_checkpoint(tmp_path, base, "kimi", n_blocks=2, mode="full")
-    with pytest.raises(CheckpointError, match="kimi-flavour checkpoints are only supported in attnres_mode 'block'"):
-        HookedAttnResTransformer.from_pretrained(tmp_path)
+    model = HookedAttnResTransformer.from_pretrained(tmp_path)
+    assert (model.cfg.flavour, model.cfg.routing_mode) == ("kimi", "full")
+    config, state = load_checkpoint_state(tmp_path)
+    expected, _ = reference_logits(config, state, TOKENS, "kimi", "full")
+    assert (model(TOKENS) - expected).abs().max() < 1e-5
 
 
 def _edit_state(directory: Path, edit) -> None:

@@ -115,3 +115,77 @@ def test_unmerged_copies_are_structural_and_merged_streams_are_named_in_family_b
     names = list(bands.table["name"])
     assert "history (+ current copies), attn, late (layers 2)" in names, names
     assert not any(n.startswith("history (+") and ", mlp," in n for n in names)  # no copies at mlp routers
+
+
+# ----------------------------------------------------------------------------- padding (Q 5)
+PROMPTS = ["ab", "abcdef", "xyz", "hello world"]  # unequal lengths: a batch of them is padded
+
+
+def test_loss_per_token_leaves_pads_out_as_tl_does(kimi):
+    """``model(["ab", "abcdef"], loss_per_token=True)``: each real target's loss is the one the
+    prompt has alone; a pad target's is 0 (TransformerLens' ``lm_cross_entropy_loss``), and the
+    mean counts real targets only."""
+    tokens, mask = kimi.to_tokens(PROMPTS, return_attention_mask=True)
+    assert mask.sum(1).tolist() == [len(p) for p in PROMPTS]  # the mask travels with the tokens
+    per_token = kimi(PROMPTS, return_type="loss", loss_per_token=True)
+    alone = [kimi(p, return_type="loss", loss_per_token=True)[0] for p in PROMPTS]
+    for row, (prompt, own) in enumerate(zip(PROMPTS, alone)):
+        n = len(prompt) - 1
+        torch.testing.assert_close(per_token[row, :n], own, atol=1e-5, rtol=1e-5)
+        assert (per_token[row, n:] == 0).all()  # pad targets
+    mean = kimi(PROMPTS, return_type="loss")
+    expected = torch.cat(alone).mean()
+    torch.testing.assert_close(mean, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_cache_holds_the_unpadded_runs_at_real_positions(kimi):
+    _, cache = kimi.run_with_cache(PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        _, own = kimi.run_with_cache(prompt)
+        for name in ("blocks.1.hook_attn_out", "blocks.1.attn_router.hook_weights", "ln_final.hook_normalized"):
+            torch.testing.assert_close(cache[name][row, : len(prompt)], own[name][0], atol=1e-5, rtol=1e-5)
+
+
+def test_analysis_of_unequal_strings_equals_the_prompts_run_one_by_one(kimi):
+    """Routing statistics, gradients, mass_vs_effect (its sweep and routing mass) and the
+    estimators take a list of strings without padding it (prompts of one length are batched
+    together): their numbers equal those of the prompts given one by one, as token tensors."""
+    import warnings
+
+    from attnres_lens import gradient_attribution, mass_vs_effect, routing_statistics
+    from attnres_lens.attribution.estimate import estimate_effects
+
+    one_by_one = [kimi.to_tokens(p) for p in PROMPTS]
+    stats, own_stats = routing_statistics(kimi, PROMPTS), routing_statistics(kimi, one_by_one)
+    assert stats.n_tokens == sum(len(p) for p in PROMPTS)
+    pd.testing.assert_frame_equal(stats.slices, own_stats.slices, atol=1e-6, rtol=1e-5)
+    grads, own_grads = gradient_attribution(kimi, PROMPTS), gradient_attribution(kimi, one_by_one)
+    pd.testing.assert_frame_equal(grads, own_grads, atol=1e-6, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = mass_vs_effect(kimi, PROMPTS, n_boot=40)
+        own_report = mass_vs_effect(kimi, one_by_one, n_boot=40)
+    for column in ("mass", "effect"):
+        np.testing.assert_allclose(report.table[column], own_report.table[column], atol=1e-6, rtol=1e-5)
+    estimates, own_estimates = estimate_effects(kimi, PROMPTS), estimate_effects(kimi, one_by_one)
+    pd.testing.assert_frame_equal(estimates, own_estimates, atol=1e-6, rtol=1e-4)
+
+
+def test_a_config_field_of_the_wrong_type_names_the_field_and_the_file(tmp_path, capsys):
+    import json
+    import shutil
+
+    from attnres_lens import HookedAttnResTransformer, bundled
+    from attnres_lens.cli import main
+    from attnres_lens.loading import CheckpointError
+
+    ckpt = tmp_path / "four"
+    shutil.copytree(bundled.model_path(bundled.ATTNRES_MODEL), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "four"}))
+    expected = f"{ckpt / 'config.json'}: num_hidden_layers must be an integer, got 'four'"
+    with pytest.raises(CheckpointError) as err:
+        HookedAttnResTransformer.from_pretrained(ckpt)
+    assert str(err.value) == expected
+    assert main(["inspect", str(ckpt)]) == 1
+    assert capsys.readouterr().err.strip() == f"attnres-lens inspect: error: {expected}"

@@ -124,8 +124,13 @@ def test_kimi_blocks_refuse_stream_tools_and_cumulative_keeps_the_stream(pair):
         assert not any(b.hook_out_is_single_residual_stream for b in bridge.blocks)
         assert not bridge.adapter.component_mapping["blocks"].hook_out_is_single_residual_stream
         assert not any("hook_resid" in name for name in bridge.hook_dict)
-        with pytest.raises(KeyError, match="hook_resid_pre"):
-            cache.accumulated_resid()
+        # issue 24: the bridge's cache is this library's routing-aware cache: the stream tools
+        # give what HookedAttnResTransformer's give, and a resid hook is refused with our message
+        _, ref_cache = ours.run_with_cache(TOKENS)
+        assert (cache.accumulated_resid() - ref_cache.accumulated_resid()).abs().max() < TOL
+        assert (cache.decompose_resid().sum(0) - cache["final_router.hook_out"]).abs().max() < TOL
+        with pytest.raises(KeyError, match="hook_resid_pre.*get_act_patch_depth_state"):
+            cache["blocks.0.hook_resid_pre"]
         with pytest.raises(NotImplementedError, match="kimi-flavour AttnRes model has none"):
             bridge(TOKENS, stop_at_layer=2)
         logit_lens = _tl_logit_lens()

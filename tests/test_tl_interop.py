@@ -248,8 +248,23 @@ def test_fold_ln_through_from_pretrained(hf):
 
 def test_centring_options_are_refused_with_the_reason():
     model = routed("kimi")
-    for option in ("center_writing_weights", "center_unembed"):
-        with pytest.raises(ValueError, match=f"{option}=True is not exact.*RMSNorm"):
-            model.process_weights_(**{option: True})
+    before = model.unembed.weight.detach().clone()
+    with pytest.raises(ValueError, match="center_writing_weights=True is not exact.*RMSNorm"):
+        model.process_weights_(center_writing_weights=True, center_unembed=True)
     with pytest.raises(ValueError, match="QK-norm"):
         model.process_weights_(refactor_factored_attn_matrices=True)
+    assert torch.equal(model.unembed.weight, before)  # refused before anything changed
+
+
+def test_center_unembed_is_applied_and_moves_each_position_by_one_constant():
+    # issue 24: TL's center_unembed is exact up to a per-position constant, so it is applied
+    model = routed("kimi")
+    tokens = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(tokens)
+        model.process_weights_(fold_ln=False, center_unembed=True, fold_value_biases=True)
+        after = model(tokens)
+    assert model.W_U.mean(-1).abs().max().item() < 1e-6
+    shift = after - before
+    assert (shift - shift[..., :1]).abs().max().item() < 1e-5
+    assert (before.log_softmax(-1) - after.log_softmax(-1)).abs().max().item() < 1e-5

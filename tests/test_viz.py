@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -234,20 +235,36 @@ def _cell(fig, row_label, column_label, trace=0):
 
 
 def test_routing_heatmap_shows_the_routing_statistics_with_hover(report):
+    """Every slice of the routing statistics in its cell; a copy merged with its first holder
+    (the report merges duplicates) adds its mass to the holder's cell, as in the effect heatmap."""
     fig = plot_routing_heatmap(report)
     slices = report.routing.slices
+    copy_of = report.source_table.set_index(["router", "source"])["duplicate_of"]
+    mass_of = slices.set_index(["router", "source"])["mass"]
+    n_copies = int(copy_of.notna().sum())
+    assert n_copies == report.settings["duplicates"]["n_pairs"] > 0
     z = np.asarray(fig.data[0].z, dtype=float)
-    assert np.isfinite(z).sum() == len(slices)
+    assert np.isfinite(z).sum() == len(slices) - n_copies
+    merged_trace = [t for t in fig.data if t.name == "copy merged under its first holder"]
+    assert len(merged_trace) == 1 and len(merged_trace[0].x) == n_copies
     table = report.table.set_index(["router", "source"])
+    labels = report.source_table.set_index(["router", "source"])["label"]
     for _, row in slices.iterrows():
         layer, sub = int(row["layer"]), row["sublayer"]
         r, c = _cell(fig, f"L{layer} {sub}", row["label"])
-        assert z[r, c] == pytest.approx(row["mass"])
         text = fig.data[0].text[r][c]
+        key = (row["router"], int(row["source"]))
+        if not pd.isna(copy_of[key]):  # a copy: empty, marked, its mass in its first holder's cell
+            holder = (row["router"], int(copy_of[key]))
+            assert np.isnan(z[r, c]) and f"= {labels[holder]}" in list(merged_trace[0].text)
+            assert z[_cell(fig, f"L{layer} {sub}", labels[holder])] == pytest.approx(mass_of[key] + mass_of[holder])
+            assert f"the same tensor as {labels[holder]}" in merged_trace[0].hovertext[
+                list(zip(merged_trace[0].y, merged_trace[0].x)).index((f"L{layer} {sub}", row["label"]))]
+            continue
+        copies = [k for k in copy_of.index if k[0] == key[0] and not pd.isna(copy_of[k]) and int(copy_of[k]) == key[1]]
+        assert z[r, c] == pytest.approx(row["mass"] + sum(mass_of[k] for k in copies))
         assert row["router"] in text and f"source: {row['label']}" in text and f"family: {row['family']}" in text
-        if (row["router"], int(row["source"])) not in table.index:
-            continue  # a copy: the report's row is its first holder's (merged)
-        t_row = table.loc[(row["router"], int(row["source"]))]
+        t_row = table.loc[key]
         copies = int(t_row["n_copies"])
         if copies == 1:  # a merged row's mass CI is the pair's, not this source's
             assert f"[{t_row['mass_low']:.3f}, {t_row['mass_high']:.3f}]" in text

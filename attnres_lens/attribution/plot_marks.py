@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.text import Text
 
+from ..viz.layout import symlog_label
 from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 
 #: Marker alpha of the scatters: a point under another still shows through.
@@ -21,11 +22,6 @@ POINT_ALPHA = 0.7
 COINCIDENT_WITHIN = 0.012
 #: Text of a ``×n`` count.
 COUNT_COLOUR = "#444444"
-
-
-def symlog_label(label: str, linthresh: float) -> str:
-    """``label`` with the scale said: symlog, and the band around 0 where it is linear."""
-    return f"{label}\n(symlog scale, linear within \u00b1{linthresh:.2g})"
 
 
 def marker_style(colour: str, filled: bool) -> dict[str, Any]:

@@ -4,15 +4,13 @@ no pyplot state), so importing this module costs nothing."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..names import SUBLAYERS
-from ..router import FAMILIES
+from ..viz.layout import FAMILY_COLOURS, Heatmap, axis_scale, effect_heatmap, mass_heatmap, router_label, symlog_label
 from .plot_marks import (
     COUNT_COLOUR,
     fade_markers,
@@ -20,9 +18,7 @@ from .plot_marks import (
     mark_coincident_points,
     marker_style,
     settle_layout,
-    symlog_label,
 )
-from .tables import is_missing, router_label
 from .thresholds import FLAG_CAUSAL_WITHOUT_MASS, FLAG_MASS_WITHOUT_CAUSAL_ROLE
 
 if TYPE_CHECKING:  # annotations only
@@ -31,7 +27,6 @@ if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
     from .report import MassEffectReport
 
-FAMILY_COLOURS = {"embedding": "#1f77b4", "current": "#ff7f0e", "history": "#2ca02c"}
 SUBLAYER_MARKERS = {"attn": "o", "mlp": "s", "final": "^"}
 
 
@@ -51,22 +46,6 @@ def new_figure(width: float, height: float) -> "Figure":
     from .display_figure import DisplayFigure
 
     return DisplayFigure(figsize=(width, height), layout="constrained")
-
-
-def axis_scale(values: Any, scale: str, argument: str = "scale") -> tuple[str, float]:
-    """The scale to draw ``values`` on and their largest magnitude (1.0 when all are 0).
-
-    ``scale``: ``"linear"``, ``"symlog"`` or ``"auto"``: symlog when the largest ``|value|`` is
-    over 30 times the median non-zero one, so that one catastrophic slice does not wash the
-    others out."""
-    if scale not in ("auto", "linear", "symlog"):
-        raise ValueError(f"{argument} must be 'auto', 'linear' or 'symlog', got {scale!r}")
-    sizes = np.abs(np.asarray(values, dtype=float)).ravel()
-    sizes = sizes[np.isfinite(sizes) & (sizes > 0)]
-    largest = float(sizes.max()) if sizes.size else 1.0
-    if scale == "auto":
-        scale = "symlog" if sizes.size and largest > 30 * float(np.median(sizes)) else "linear"
-    return scale, largest
 
 
 def save_figure(fig: "Figure", path: Optional[str]) -> "Figure":
@@ -93,144 +72,95 @@ def save_plotly(fig: Any, path: Any) -> Any:
 
 
 
-def source_columns(source_table: pd.DataFrame) -> list[str]:
-    """Source labels in reading order: the embedding, completed sources by first appearance,
-    then the in-progress ('current') ones."""
-    labels = {"embedding": [], "history": [], "current": []}
-    for fam, label in zip(source_table["family"], source_table["label"]):
-        if label not in labels[fam]:
-            labels[fam].append(label)
-    seen: list[str] = []
-    for fam in ("embedding", "history", "current"):
-        seen += [lab for lab in labels[fam] if lab not in seen]
-    return seen
-
-
-def cell_layout(report: MassEffectReport) -> tuple[list[str], list[str], list[tuple[int, int]], str, str]:
-    """Row labels, column labels and the (row, column) cell of every table row."""
-    t = report.table
-    sources = report.source_table
-    slice_level = "source" in t and t["source"].notna().all() and "router" in t
-    if slice_level:
-        routers = list(dict.fromkeys(sources["router"]))
-        first = sources.drop_duplicates("router").set_index("router")
-        row_labels = [router_label(first.loc[r, "layer"], first.loc[r, "sublayer"]) for r in routers]
-        columns = source_columns(sources)
-        label_of = sources.set_index(["router", "source"])["label"]
-        cells = [
-            (routers.index(r), columns.index(label_of[(r, int(s))])) for r, s in zip(t["router"], t["source"])
-        ]
-        return row_labels, columns, cells, "router (layer x sublayer)", "source"
-    families = [f for f in FAMILIES if f in set(t.get("family", []))]
-    if "router" in t and t["router"].notna().all():
-        routers = [r for r in dict.fromkeys(sources["router"]) if r in set(t["router"])]
-        first = sources.drop_duplicates("router").set_index("router")
-        row_labels = [router_label(first.loc[r, "layer"], first.loc[r, "sublayer"]) for r in routers]
-        cells = [(routers.index(r), families.index(f)) for r, f in zip(t["router"], t["family"])]
-        return row_labels, families, cells, "router (layer x sublayer)", "source family"
-    keys = []
-    for _, r in t.iterrows():
-        parts = [str(r[c]) for c in ("sublayer", "band") if c in t and not is_missing(r[c])]
-        keys.append(" ".join(parts) if parts else "all")
-    bands = list(report.settings.get("bands", {}) or {})
-    order = {k: i for i, k in enumerate(SUBLAYERS)}
-
-    def sort_key(key: str) -> tuple:
-        head, _, band = key.partition(" ")
-        return (order.get(head, 9), bands.index(band) if band in bands else 9, key)
-
-    row_labels = sorted(dict.fromkeys(keys), key=sort_key)
-    if "family" in t and t["family"].notna().all():
-        cells = [(row_labels.index(k), families.index(f)) for k, f in zip(keys, t["family"])]
-        return row_labels, families, cells, "sublayer x depth band", "source family"
-    names = list(t["name"])
-    return row_labels, names, [(row_labels.index(k), i) for i, k in enumerate(keys)], "group", "group"
-
-
 def heatmap(
-    report: MassEffectReport, value: str, *, path: Optional[str], annotate: Optional[bool], scale: str = "auto"
+    report: MassEffectReport, value: str, *, path: Optional[str], annotate: Optional[bool], scale: str = "auto",
+    grouping: Optional[str] = None,
 ) -> "Figure":
-    """The table's ``value`` (``"mass"`` or ``"effect"``) on the grid of :func:`cell_layout`."""
-    row_labels, column_labels, cells, row_title, column_title = cell_layout(report)
-    values = report.table[value].to_numpy(dtype=float)
-    grid = np.full((len(row_labels), len(column_labels)), np.nan)
-    for (row, column), cell_value in zip(cells, values):
-        grid[row, column] = cell_value
-    width = min(24.0, 2.8 + 0.42 * len(column_labels))
-    height = min(30.0, 1.6 + 0.3 * len(row_labels))
+    """The report's ``value`` (``"mass"`` or ``"effect"``) heatmap of :mod:`attnres_lens.viz.layout`."""
+    heat = mass_heatmap(report, grouping) if value == "mass" else effect_heatmap(report, grouping, scale)
+    return save_figure(draw_heatmap(heat, annotate), path)
+
+
+def draw_heatmap(heat: Heatmap, annotate: Optional[bool] = None) -> "Figure":
+    """A matplotlib figure of the cells of ``heat``: values (numbers written when ``annotate``,
+    by default when at most 400 cells), CI-includes-0 cells hatched, flagged cells outlined, a
+    copy merged under its first holder marked ``= emb``."""
+    width = min(24.0, 2.8 + 0.42 * len(heat.columns))
+    height = min(30.0, 1.6 + 0.3 * len(heat.rows))
     fig = new_figure(max(width, 5.5), max(height, 3.2))
     ax = fig.add_subplot()
-    ax.set_facecolor("#e6e6e6")  # cells a row does not fill
-    image, title, bar_label = _draw_grid(ax, grid, value, report.settings, scale)
-    fig.colorbar(image, ax=ax, label=bar_label, shrink=0.8)
-    ax.set_xticks(range(len(column_labels)), column_labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
-    ax.set_xlabel(column_title)
-    ax.set_ylabel(row_title)
-    ax.set_title(title, fontsize=10)
-    if grid.size <= 400 if annotate is None else annotate:
-        _annotate_cells(ax, image, cells, values, value)
-    handles = _hatch_uncertain_cells(ax, cells, report.table) if value == "effect" else []
-    handles += _outline_flagged_cells(ax, cells, report.table["flag"])
+    ax.set_facecolor("#e6e6e6")  # cells no unit fills
+    image = ax.imshow(np.ma.masked_invalid(heat.values), cmap=heat.colour.colours, norm=_norm(heat.colour),
+                      aspect="auto")
+    fig.colorbar(image, ax=ax, label=heat.colour.label, shrink=0.8)
+    ax.set_xticks(range(len(heat.columns)), heat.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(heat.rows)), heat.rows, fontsize=8)
+    ax.set_xlabel(heat.column_title)
+    ax.set_ylabel(heat.row_title)
+    ax.set_title(heat.title, fontsize=10)
+    if heat.values.size <= 400 if annotate is None else annotate:
+        _annotate_cells(ax, image, heat)
+    handles = _hatch_uncertain_cells(ax, heat.uncertain) + _outline_flagged_cells(ax, heat.flagged)
+    handles += _mark_merged_cells(ax, heat.merged)
     if handles:
         fig.legend(handles=handles, loc="outside lower center", fontsize=7, ncol=len(handles), frameon=False)
-    return save_figure(fig, path)
+    return fig
 
 
-def _draw_grid(ax: Any, grid: np.ndarray, value: str, settings: dict, scale: str) -> tuple[Any, str, str]:
-    """The image of the grid, its title and its colour-bar label."""
-    masked = np.ma.masked_invalid(grid)
-    if value == "mass":
-        image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=max(1e-12, float(np.nanmax(grid))), aspect="auto")
-        return image, "Routing mass (mean over prompts)", "mass"
+def _norm(scale: Any) -> Any:
     from matplotlib.colors import Normalize, SymLogNorm
 
-    scale, largest = axis_scale(grid, scale)
-    bar_label = f"effect ({settings.get('metric', 'metric')})"
-    if scale == "symlog":
-        linthresh = max(float(settings.get("effect_threshold", 0.0)), largest * 1e-3)
-        norm = SymLogNorm(linthresh=linthresh, vmin=-largest, vmax=largest, base=10)
-        bar_label = symlog_label(bar_label, linthresh)
-    else:
-        norm = Normalize(vmin=-largest, vmax=largest)
-    image = ax.imshow(masked, cmap="RdBu_r", norm=norm, aspect="auto")
-    title = f"Effect of {settings.get('mode', '?')}-ablation on {settings.get('metric', '?')} (ablated - clean)"
-    return image, title, bar_label
+    if scale.linthresh is None:
+        return Normalize(vmin=scale.low, vmax=scale.high)
+    return SymLogNorm(linthresh=scale.linthresh, vmin=scale.low, vmax=scale.high, base=10)
 
 
-def _annotate_cells(ax: Any, image: Any, cells: list[tuple[int, int]], values: np.ndarray, value: str) -> None:
-    for (row, column), cell_value in zip(cells, values):
-        if not math.isfinite(cell_value):
-            continue
-        rgba = image.cmap(image.norm(cell_value))
+def _annotate_cells(ax: Any, image: Any, heat: Heatmap) -> None:
+    for row, column in heat.filled():
+        rgba = image.cmap(image.norm(heat.values[row, column]))
         luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-        text = f"{cell_value:.2f}" if value == "mass" else f"{cell_value:+.2g}"
-        ax.text(column, row, text, ha="center", va="center", fontsize=6.5,
+        ax.text(column, row, heat.notes[row][column], ha="center", va="center", fontsize=6.5,
                 color="black" if luminance > 0.5 else "white")
 
 
-def _hatch_uncertain_cells(ax: Any, cells: list[tuple[int, int]], table: pd.DataFrame) -> list:
-    """Hatch the cells whose effect CI includes 0; the legend handle."""
+def _hatch_uncertain_cells(ax: Any, cells: Any) -> list:
+    """Hatch the cells whose effect CI includes 0; the legend handle (none when there are none)."""
     from matplotlib.patches import Patch, Rectangle
 
-    for (row, column), excludes_zero in zip(cells, table["effect_ci_excludes_zero"].to_numpy()):
-        if not excludes_zero:
-            ax.add_patch(Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#888888", lw=0))
-    return [Patch(facecolor="white", edgecolor="#888888", hatch="///", label="CI includes 0")]
+    for row, column in cells:
+        ax.add_patch(Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#888888", lw=0))
+    return [Patch(facecolor="white", edgecolor="#888888", hatch="///", label="CI includes 0")] if cells else []
 
 
-def _outline_flagged_cells(ax: Any, cells: list[tuple[int, int]], flags: pd.Series) -> list:
+#: The outline of a flagged cell, one line style per flag.
+FLAG_STYLES = {
+    FLAG_MASS_WITHOUT_CAUSAL_ROLE: dict(edgecolor="black", linestyle="-"),
+    FLAG_CAUSAL_WITHOUT_MASS: dict(edgecolor="#d62728", linestyle="--"),
+}
+
+
+def _outline_flagged_cells(ax: Any, flagged: Any) -> list:
     """Outline flagged cells, one line style per flag; the legend handles of the flags present."""
     from matplotlib.patches import Patch, Rectangle
 
-    styles = {
-        FLAG_MASS_WITHOUT_CAUSAL_ROLE: dict(edgecolor="black", linestyle="-"),
-        FLAG_CAUSAL_WITHOUT_MASS: dict(edgecolor="#d62728", linestyle="--"),
-    }
-    for (row, column), flag in zip(cells, flags):
-        if flag in styles:
-            ax.add_patch(Rectangle((column - 0.44, row - 0.44), 0.88, 0.88, fill=False, lw=2.0, **styles[flag]))
-    return [Patch(facecolor="none", lw=2.0, label=flag, **style) for flag, style in styles.items() if (flags == flag).any()]
+    handles = []
+    for flag, cells in flagged:
+        style = FLAG_STYLES.get(flag, dict(edgecolor="#555555", linestyle=":"))
+        for row, column in cells:
+            ax.add_patch(Rectangle((column - 0.44, row - 0.44), 0.88, 0.88, fill=False, lw=2.0, **style))
+        handles.append(Patch(facecolor="none", lw=2.0, label=flag, **style))
+    return handles
+
+
+def _mark_merged_cells(ax: Any, merged: Any) -> list:
+    """Write ``= <first holder>`` in the cell of each copy merged under its first holder."""
+    from matplotlib.patches import Patch
+
+    for mark in merged:
+        row, column = mark.cell
+        ax.text(column, row, f"= {mark.into}", ha="center", va="center", fontsize=6, color="#555555",
+                fontstyle="italic")
+    return [Patch(facecolor="#e6e6e6", edgecolor="none", label="= x: a copy, merged under x")] if merged else []
 
 
 def scatter(
@@ -443,7 +373,9 @@ def routers_to_plot(model: "HookedAttnResTransformer", router: Any) -> list[str]
 
 __all__ = [
     "BACKENDS",
+    "axis_scale",
     "check_backend",
+    "draw_heatmap",
     "check_plotly_path",
     "gradient_scatter",
     "heatmap",

@@ -15,7 +15,7 @@ called, so ``import attnres_lens.viz`` costs nothing extra::
 
 from .explorer import Explorer, explore
 from .figures import figure_html, plot_effect_heatmap, plot_mass_effect_scatter, plot_routing_heatmap
-from .html_report import write_html_report
+from .html_report import write_html_report, write_markdown_html
 from .session import CHOICES, ExplorerResult, ExplorerSession, Prediction, SliceChoice
 from .tokens import TokenRouting, plot_token_routing, token_routing, token_routing_circuitsvis
 
@@ -36,4 +36,5 @@ __all__ = [
     "token_routing",
     "token_routing_circuitsvis",
     "write_html_report",
+    "write_markdown_html",
 ]

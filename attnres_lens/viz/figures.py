@@ -12,7 +12,9 @@ from typing import Any, Union
 
 import numpy as np
 
-from .grid import FAMILY_COLOURS, SUBLAYER_SYMBOLS, hover_text, report_grid, router_names, routing_grid
+from .layout import FAMILY_COLOURS, ColourScale, Heatmap, effect_heatmap, hover_lines, mass_heatmap, router_names
+
+SUBLAYER_SYMBOLS = {"attn": "circle", "mlp": "square", "final": "triangle-up"}
 
 PLOTLY_HINT = "the interactive figures need plotly: pip install plotly (or pip install 'attnres_lens[viz]')"
 
@@ -27,102 +29,83 @@ def require_plotly() -> Any:
 
 
 def _heatmap_height(n_rows: int) -> int:
-    return int(min(1400, 160 + 22 * n_rows))
+    """Room for every row (>= 22 px) and, however few rows, for a readable colour bar: a few-row
+    grid (family x band: 5 rows) drawn 270 px high squashed its colour-bar labels together."""
+    return int(min(1400, max(460, 200 + 26 * n_rows)))
 
 
-def plot_routing_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
-    """Routers x sources, coloured by routing mass (mean over tokens). Hover: router, source, family,
-    mass with CI, effect with CI, flag, merged copies."""
+def _symlog(values: Any, linthresh: float) -> Any:
+    """Plotly has no symlog colour axis: values are drawn as ``sign * log10(1 + |v| / linthresh)``."""
+    values = np.asarray(values, dtype=float)
+    return np.sign(values) * np.log10(1.0 + np.abs(values) / linthresh)
+
+
+def _colour_axis(scale: ColourScale) -> dict:
+    """The heatmap trace's colour keywords of ``scale`` (a symlog bar is labelled in real values)."""
+    bar = dict(title=scale.label.replace("\n", "<br>"))
+    if scale.linthresh is None:
+        return dict(colorscale=scale.colours, zmin=scale.low, zmax=scale.high, colorbar=bar)
+    ticks = [v for v in (-scale.high, -scale.linthresh, 0.0, scale.linthresh, scale.high)]
+    bar.update(tickvals=list(_symlog(ticks, scale.linthresh)), ticktext=[f"{v:+.2g}" for v in ticks])
+    lim = float(_symlog(scale.high, scale.linthresh))
+    return dict(colorscale=scale.colours, zmin=-lim, zmax=lim, colorbar=bar)
+
+
+def _cell_marks(go: Any, heat: Heatmap, cells: Any, name: str, **style: Any) -> Any:
+    return go.Scatter(x=[heat.columns[c] for _, c in cells], y=[heat.rows[r] for r, _ in cells],
+                      mode="markers", name=name, hoverinfo="skip", **style)
+
+
+def draw_heatmap(heat: Heatmap, title: Union[str, None] = None) -> Any:
+    """A plotly figure of the cells of ``heat`` (:mod:`attnres_lens.viz.layout`): hover for every
+    number; dots where the effect CI includes 0, boxes on flagged cells, ``= emb`` on a copy
+    merged under its first holder."""
     go = require_plotly()
-    grid, rows = routing_grid(report)
-    names = router_names(report.source_table)
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid.fill(rows["mass"]),
-            x=grid.columns,
-            y=grid.rows,
-            text=grid.fill_text(hover_text(rows, names)),
-            hovertemplate="%{text}<extra></extra>",
-            colorscale="Viridis",
-            zmin=0.0,
-            zmax=1.0,
-            colorbar=dict(title="mass"),
-            hoverongaps=False,
-        )
-    )
+    z = heat.values if heat.colour.linthresh is None else _symlog(heat.values, heat.colour.linthresh)
+    text = [["" for _ in heat.columns] for _ in heat.rows]
+    for r, c in heat.filled():  # an empty cell shows no hover (a merged copy's is on its mark)
+        text[r][c] = "<br>".join((f"<b>{heat.hover[r][c][0]}</b>",) + heat.hover[r][c][1:])
+    fig = go.Figure(go.Heatmap(z=z, x=list(heat.columns), y=list(heat.rows), text=text,
+                               hovertemplate="%{text}<extra></extra>", hoverongaps=False,
+                               **_colour_axis(heat.colour)))
+    if heat.uncertain:
+        fig.add_trace(_cell_marks(go, heat, heat.uncertain, "CI includes 0",
+                                  marker=dict(symbol="circle-open", size=6, color="#666666")))
+    for flag, cells in heat.flagged:
+        fig.add_trace(_cell_marks(go, heat, cells, flag, marker=dict(symbol="square-open", size=16, line=dict(width=2))))
+    if heat.merged:
+        fig.add_trace(go.Scatter(
+            x=[heat.columns[m.cell[1]] for m in heat.merged], y=[heat.rows[m.cell[0]] for m in heat.merged],
+            mode="text", text=[f"= {m.into}" for m in heat.merged], textfont=dict(size=9, color="#555555"),
+            name="copy merged under its first holder", hovertemplate="%{hovertext}<extra></extra>",
+            hovertext=["<br>".join(heat.hover[r][c]) for r, c in (m.cell for m in heat.merged)],
+        ))
     fig.update_layout(
-        title=title or "Routing mass (mean over tokens)",
-        xaxis_title=grid.column_title,
-        yaxis_title=grid.row_title,
+        title=title or heat.title,
+        xaxis_title=heat.column_title,
+        yaxis_title=heat.row_title,
         yaxis_autorange="reversed",
-        height=_heatmap_height(len(grid.rows)),
-        plot_bgcolor="#e6e6e6",
-    )
-    return fig
-
-
-def plot_effect_heatmap(report: Any, *, title: Union[str, None] = None) -> Any:
-    """The effect of ablating each row of ``report.table`` (ablated - clean), on a diverging
-    scale centred on 0. Cells whose CI includes 0 are marked with a dot, flagged cells with a
-    box outline; hover shows every number."""
-    go = require_plotly()
-    table = report.table
-    grid = report_grid(report)
-    names = router_names(report.source_table)
-    z = grid.fill(table["effect"])
-    finite = np.abs(z[np.isfinite(z)])
-    lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=grid.columns,
-            y=grid.rows,
-            text=grid.fill_text(hover_text(table, names)),
-            hovertemplate="%{text}<extra></extra>",
-            colorscale="RdBu_r",
-            zmin=-lim,
-            zmax=lim,
-            colorbar=dict(title="effect"),
-            hoverongaps=False,
-        )
-    )
-    if "effect_ci_excludes_zero" in table:
-        unsure = [cell for cell, ok in zip(grid.cells, table["effect_ci_excludes_zero"]) if not bool(ok)]
-        if unsure:
-            fig.add_trace(
-                go.Scatter(
-                    x=[grid.columns[c] for _, c in unsure],
-                    y=[grid.rows[r] for r, _ in unsure],
-                    mode="markers",
-                    marker=dict(symbol="circle-open", size=6, color="#666666"),
-                    name="CI includes 0",
-                    hoverinfo="skip",
-                )
-            )
-    flagged = [(cell, flag) for cell, flag in zip(grid.cells, table.get("flag", [""] * len(table))) if flag]
-    for flag in dict.fromkeys(f for _, f in flagged):
-        cells = [cell for cell, f in flagged if f == flag]
-        fig.add_trace(
-            go.Scatter(
-                x=[grid.columns[c] for _, c in cells],
-                y=[grid.rows[r] for r, _ in cells],
-                mode="markers",
-                marker=dict(symbol="square-open", size=16, line=dict(width=2)),
-                name=flag,
-                hoverinfo="skip",
-            )
-        )
-    s = report.settings
-    fig.update_layout(
-        title=title or f"Effect of {s.get('mode', '?')}-ablation on {s.get('metric', '?')} (ablated - clean)",
-        xaxis_title=grid.column_title,
-        yaxis_title=grid.row_title,
-        yaxis_autorange="reversed",
-        height=_heatmap_height(len(grid.rows)),
+        height=_heatmap_height(len(heat.rows)),
         plot_bgcolor="#e6e6e6",
         legend=dict(orientation="h", y=-0.15),
     )
     return fig
+
+
+def plot_routing_heatmap(report: Any, *, title: Union[str, None] = None, grouping: Union[str, None] = None) -> Any:
+    """Routers x sources, coloured by routing mass (mean over tokens). Hover: router, source, family,
+    mass with CI, effect with CI, flag, merged copies. ``grouping``: the report's grouping kind
+    (default: the one it recorded)."""
+    return draw_heatmap(mass_heatmap(report, grouping), title)
+
+
+def plot_effect_heatmap(
+    report: Any, *, title: Union[str, None] = None, scale: str = "linear", grouping: Union[str, None] = None
+) -> Any:
+    """The effect of ablating each row of ``report.table`` (ablated - clean), on a diverging
+    scale centred on 0 (``scale``: ``"linear"``, ``"symlog"`` or ``"auto"``). Cells whose CI
+    includes 0 are marked with a dot, flagged cells with a box outline; hover shows every number."""
+    return draw_heatmap(effect_heatmap(report, grouping, scale), title)
 
 
 def _error_bars(part: Any, column: str, colour: str) -> dict:
@@ -144,7 +127,8 @@ def plot_mass_effect_scatter(report: Any, *, title: Union[str, None] = None) -> 
     table = report.table
     s = report.settings
     names = router_names(report.source_table)
-    hover = np.array(hover_text(table, names), dtype=object)
+    hover = np.array(["<br>".join((f"<b>{lines[0]}</b>",) + lines[1:]) for lines in hover_lines(table, names)],
+                     dtype=object)
     fig = go.Figure()
     families = table["family"] if "family" in table else ["history"] * len(table)
     sublayers = table["sublayer"] if "sublayer" in table else ["attn"] * len(table)

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..interventions import Intervention, Slice, to_hooks
 from ..metrics import next_token_loss, next_token_nll
 from ..names import TARGETS
-from .grid import router_label
+from .layout import router_label
 from .tokens import display_token, one_prompt
 
 #: What a slice can be set to in the explorer ("none" clears it).

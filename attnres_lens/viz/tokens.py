@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .figures import require_plotly
-from .grid import router_label
+from .layout import router_label
 
 CIRCUITSVIS_HINT = (
     "token_routing_circuitsvis needs circuitsvis: pip install circuitsvis "
