@@ -35,6 +35,7 @@ FIGURE_CELLS = {
         'viz.plot_effect_heatmap(reports["trained"])',
         'viz.plot_mass_effect_scatter(reports["trained"])',
     ],
+    "06_circuits": ["fig, ax = plt.subplots", "circuit_figure(graph, exact, circuit)"],
 }
 
 

@@ -351,24 +351,16 @@ def plot_token_routing(
 
 
 def routers_to_plot(model: "HookedAttnResTransformer", router: Any) -> list[str]:
-    specs = model.router_specs
-    names = [s.name for s in specs]
-    if router is None:
-        return [names[-1]]
+    """The routers ``router`` names: ``"all"``, a list, or one router as
+    :func:`attnres_lens.viz.tokens.resolve_router` reads it (the one viz resolver)."""
+    from ..viz.tokens import resolve_router  # imports no plotly
+
     if isinstance(router, str) and router == "all":
-        return names
-    items = router if isinstance(router, list) else [router]
-    out = []
-    for item in items:
-        if isinstance(item, str) and item in names:
-            out.append(item)
-        elif item == "final" and model.final_router is not None:
-            out.append("final_router")
-        elif isinstance(item, tuple) and len(item) == 2 and f"blocks.{item[0]}.{item[1]}_router" in names:
-            out.append(f"blocks.{item[0]}.{item[1]}_router")
-        else:
-            raise ValueError(f"unknown router {item!r}; routers are {names} (or (layer, 'attn'|'mlp'), 'final', 'all')")
-    return out
+        return [s.name for s in model.router_specs]
+    try:
+        return [resolve_router(model, item) for item in (router if isinstance(router, list) else [router])]
+    except ValueError as err:
+        raise ValueError(f"{err} (or 'all', or a list of those)") from None
 
 
 __all__ = [
