@@ -130,7 +130,7 @@ def _add_wrap_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device to load the model on")
 
 
-def _load_source(args: argparse.Namespace) -> Any:
+def _load_source(args: argparse.Namespace, *, check_finite: bool = True) -> Any:
     from .loading import WRAP_SCHEDULES, load_tokenizer_dir
     from .model import HookedAttnResTransformer
 
@@ -159,7 +159,7 @@ def _load_source(args: argparse.Namespace) -> Any:
     tokenizer = load_tokenizer_dir(args.tokenizer) if args.tokenizer else None
     return HookedAttnResTransformer.from_pretrained(
         source, **{k: v for k, v in wrap.items() if v is not None}, dtype=args.dtype, device=args.device,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, check_finite=check_finite,
     )
 
 
@@ -339,10 +339,21 @@ def describe(model: Any) -> dict[str, Any]:
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_router_params": n_router,
         "tokenizer": tokenizer_name(model.tokenizer),
+        "non_finite": list(getattr(model, "non_finite_keys", [])),
+        "routing_note": _routing_note(routers),
         "routers": routers,
         "source_table": json.loads(model.source_table().to_json(orient="records")),
         "torch": torch.__version__,
     }
+
+
+def _routing_note(routers: list[dict[str, Any]]) -> Optional[str]:
+    """What every router's query being zero means (``None`` when some query is not)."""
+    if any(r["query_norm"] != 0 for r in routers):
+        return None
+    if all(not r["bias"] for r in routers):
+        return "routing is uniform: untrained or wrapped (every query and bias is zero)"
+    return "routing is content-independent: every query is zero, only recency biases route (untrained or wrapped)"
 
 
 def _schedule_text(schedule: dict[str, Any]) -> str:
@@ -357,7 +368,7 @@ def _schedule_text(schedule: dict[str, Any]) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.flavour is None and _is_vanilla_qwen3(args.source):
         return _inspect_vanilla(args)
-    model = _load_source(args)
+    model = _load_source(args, check_finite=False)  # inspect names what is not finite
     info = describe(model)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -375,6 +386,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"{'tied' if b['tie_word_embeddings'] else 'untied'} embeddings, {b['dtype']}",
         f"parameters  {info['n_params']:,} ({info['n_router_params']:,} in routers)",
         f"tokenizer   {info['tokenizer']}",
+        *([f"routing     {info['routing_note']}"] if info["routing_note"] else []),
+        *([f"NOT FINITE  {len(info['non_finite'])} tensor(s) hold NaN or inf: {', '.join(info['non_finite'])}"]
+          if info["non_finite"] else []),
         "",
         f"routers ({len(info['routers'])}):",
     ]

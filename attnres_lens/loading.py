@@ -26,6 +26,7 @@ Pickles are only read through ``torch.load(weights_only=True)``; remote code is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from . import layouts
 from .config import AttnResConfig, RoutingSchedule
 from .names import LIBRARY_KEY
 from .outputs import honour_umask
-from .paths import local_checkpoint
+from .paths import check_link, local_checkpoint
 from .tokenizer import N_BYTES, ByteTokenizer
 
 if TYPE_CHECKING:  # annotations only: loading never imports the model
@@ -148,26 +149,40 @@ class WeightFiles:
     directory: Path
     key_to_file: dict[str, Path] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: key -> (whether the stored dtype is a floating-point one, its name)
+    dtypes: dict[str, tuple[bool, str]] = field(default_factory=dict)
     kind: str = "safetensors"
 
     @classmethod
     def find(cls, directory: Path) -> "WeightFiles":
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        for name in (SAFE_WEIGHTS, SAFE_INDEX, TORCH_WEIGHTS, TORCH_INDEX):
+            _checked_link(directory / name)
         files = cls(directory)
-        if (directory / SAFE_INDEX).exists():
+        if (directory / SAFE_INDEX).exists() and (directory / SAFE_WEIGHTS).exists():
+            warnings.warn(
+                f"{str(directory)!r} holds both {SAFE_WEIGHTS} and {SAFE_INDEX}: loading {SAFE_WEIGHTS}, as "
+                "transformers does (the index and its shards are ignored); remove the one that is stale",
+                UserWarning,
+                stacklevel=4,
+            )
+            files._add_safetensors(directory / SAFE_WEIGHTS)
+        elif (directory / SAFE_INDEX).exists():
             files._index_safetensors(directory / SAFE_INDEX)
         elif (directory / SAFE_WEIGHTS).exists():
             files._add_safetensors(directory / SAFE_WEIGHTS)
         elif (directory / TORCH_INDEX).exists() or (directory / TORCH_WEIGHTS).exists():
             files.kind = "torch"
             if (directory / TORCH_INDEX).exists():
-                shard_names = sorted(set(_read_json(directory / TORCH_INDEX)["weight_map"].values()))
+                index = directory / TORCH_INDEX
+                shards = [_shard_inside(index, name) for name in sorted(set(_read_json(index)["weight_map"].values()))]
             else:
-                shard_names = [TORCH_WEIGHTS]
-            for name in shard_names:
-                for key, tensor in _torch_load(directory / name).items():
-                    files.key_to_file[key] = directory / name
+                shards = [directory / TORCH_WEIGHTS]
+            for shard in shards:
+                for key, tensor in _torch_load(shard).items():
+                    files.key_to_file[key] = shard
                     files.shapes[key] = tuple(tensor.shape)
+                    files.dtypes[key] = (tensor.is_floating_point(), str(tensor.dtype).removeprefix("torch."))
         else:
             raise FileNotFoundError(
                 f"no weights in {str(directory)!r}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, "
@@ -179,8 +194,8 @@ class WeightFiles:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
-        for shard in sorted(set(weight_map.values())):
-            shard_path = index_path.parent / shard
+        for shard in sorted(set(weight_map.values()), key=str):
+            shard_path = _shard_inside(index_path, shard)
             if not shard_path.exists():
                 raise FileNotFoundError(f"{str(index_path)!r} names shard {shard!r}, which is missing")
             self._add_safetensors(shard_path)
@@ -198,7 +213,10 @@ class WeightFiles:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in handle.keys():
                     self.key_to_file[key] = path
-                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    view = handle.get_slice(key)
+                    self.shapes[key] = tuple(view.get_shape())
+                    dtype = str(view.get_dtype())
+                    self.dtypes[key] = (dtype.startswith(("F", "BF")), dtype)
         except Exception as err:  # safetensors raises its own error types for bad files
             raise CheckpointError(
                 f"cannot read safetensors file {str(path)!r} (truncated or corrupted?): {err}"
@@ -250,9 +268,46 @@ class WeightFiles:
 def _torch_load(path: Path) -> dict[str, Tensor]:
     # weights_only=True: a pickle can only rebuild tensors and plain containers, never run code.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # the legacy (pre-1.6, non-zip) format cannot be mapped: read it whole instead
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read {str(path)!r} with torch.load(weights_only=True): {err}") from err
+        raise CheckpointError(
+            f"cannot read {str(path)!r} with torch.load(weights_only=True): {err}; if it is a full pickle "
+            "of a model rather than a state dict, load it in transformers and save it again as safetensors "
+            "(model.save_pretrained(dir))"
+        ) from err
+
+
+def _shard_inside(index: Path, shard: Any) -> Path:
+    """The path of a shard an index names, refused unless it resolves inside the checkpoint
+    directory (an index naming ``../../x`` is never followed)."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{str(index)!r} names a shard {shard!r}, which is not a file name")
+    directory = index.parent.resolve()
+    path = index.parent / shard
+    _checked_link(path)
+    resolved = path.resolve()
+    if directory not in resolved.parents:
+        raise CheckpointError(
+            f"{str(index)!r} names shard {shard!r}, which resolves to {str(resolved)!r}, outside the "
+            f"checkpoint directory {str(directory)!r}; refusing to read it"
+        )
+    return path
+
+
+def _checked_link(path: Path) -> None:
+    """:func:`attnres_lens.paths.check_link` with a loop reported as a :class:`CheckpointError`."""
+    try:
+        check_link(path)
+    except FileNotFoundError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -277,6 +332,60 @@ def _preview(keys: Any, limit: int = 8) -> str:
 
 
 # ------------------------------------------------------------------------- configs
+_COUNT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+_OPTIONAL_COUNT_FIELDS = ("head_dim", "num_key_value_heads", "max_position_embeddings", "attnres_num_blocks")
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_range", "attnres_recency_bias_init")
+
+
+def check_config_types(hf: dict[str, Any], where: str) -> None:
+    """Refuse a count that is not a positive int (4.7, true, "four") or a float field that is
+    not a finite number, naming the field and ``where`` (the config file)."""
+    for name in _COUNT_FIELDS + _OPTIONAL_COUNT_FIELDS:
+        if name not in hf or (name in _OPTIONAL_COUNT_FIELDS and hf[name] is None):
+            continue
+        value = hf[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{where}: {name} must be an integer, got {value!r}")
+        if value < 1:
+            raise CheckpointError(f"{where}: {name} must be a positive integer, got {value!r}")
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    floats = [(n, hf.get(n)) for n in _FLOAT_FIELDS] + [("rope_parameters.rope_theta", rope.get("rope_theta"))]
+    for name, value in floats:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{where}: {name} must be a finite number, got {value!r}")
+
+
+def check_counts_against_weights(
+    hf: dict[str, Any], keys: set[str], shapes: dict[str, tuple[int, ...]], where: str
+) -> None:
+    """The config's layer, width, head and vocabulary counts against the weights themselves,
+    before anything is sized from the config (a 1 KB config.json claiming 10^9 layers would
+    otherwise exhaust memory building per-layer key maps)."""
+    missing = [name for name in _COUNT_FIELDS if name not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: the config lacks the Qwen3 field {missing[0]!r}")
+    layers = {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    n_layers = hf["num_hidden_layers"]
+    if len(layers) != n_layers or (layers and (min(layers), max(layers)) != (0, n_layers - 1)):
+        held = f"layers 0-{max(layers)} ({len(layers)} distinct)" if layers else "no layers"
+        raise CheckpointError(f"{where}: num_hidden_layers is {n_layers}, but the weights hold {held}")
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and tuple(embed) != (hf["vocab_size"], hf["hidden_size"]):
+        raise CheckpointError(
+            f"{where}: vocab_size {hf['vocab_size']} x hidden_size {hf['hidden_size']} contradicts "
+            f"model.embed_tokens.weight, of shape {tuple(embed)}"
+        )
+    query = shapes.get("model.layers.0.self_attn.q_proj.weight")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if query is not None and query[0] != hf["num_attention_heads"] * head_dim:
+        raise CheckpointError(
+            f"{where}: num_attention_heads {hf['num_attention_heads']} x head_dim {head_dim} contradicts "
+            f"model.layers.0.self_attn.q_proj.weight, of shape {tuple(query)}"
+        )
+
+
 def config_from_hf(
     hf: dict[str, Any],
     *,
@@ -482,6 +591,8 @@ class Checkpoint:
     #: our parameter name -> tensor (on the requested device and dtype); schedule routers included
     state: dict[str, Tensor]
     tokenizer: Any
+    #: checkpoint keys of the tensors holding NaN or inf (read with ``check_finite=False``)
+    non_finite: list[str] = field(default_factory=list)
 
     def into(self, model_class: type) -> Any:
         """A ``model_class(config, tokenizer, init_weights=False)`` built on the meta device and
@@ -493,6 +604,7 @@ class Checkpoint:
             model.unembed.weight = model.embed.weight
         model.schedule = self.format.schedule
         model.checkpoint_format = self.format.name
+        model.non_finite_keys = list(self.non_finite)
         return model
 
 
@@ -506,13 +618,19 @@ def read_checkpoint(
     dtype: Optional[Union[torch.dtype, str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     tokenizer: Any = None,
+    check_finite: bool = True,
 ) -> Checkpoint:
     """Read ``source`` (see :meth:`HookedAttnResTransformer.from_pretrained`), checking the
-    config, keys and shapes before any tensor is read."""
+    config (types, and counts against the weights), keys, shapes and dtypes before any tensor
+    is read. A tensor holding NaN or inf is refused unless ``check_finite=False`` (then
+    :attr:`Checkpoint.non_finite` names them)."""
     dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
     source_files = _open_source(source)
-    check_config_types(source_files.hf, where=_config_path(source))
+    where = str(source_files.directory / "config.json") if source_files.directory is not None else "the model's config"
+    if source_files.hf.get("model_type") in SUPPORTED_MODEL_TYPES:
+        check_config_types(source_files.hf, where)
+        check_counts_against_weights(source_files.hf, source_files.keys, source_files.shapes, where)
     fmt = detect_format(
         source_files.hf, source_files.keys,
         flavour=flavour, schedule=schedule, recency_bias=recency_bias, n_blocks=n_blocks,
@@ -525,14 +643,20 @@ def read_checkpoint(
     expected = key_map(cfg, with_routers=fmt.with_routers)
     _check_keys(source_files.keys, expected, fmt, cfg)
     _check_shapes(source_files.shapes, checkpoint_shapes(cfg, with_routers=fmt.with_routers), fmt)
-    state = _read_state(source_files.read, expected, device, dtype)
+    _check_dtypes(source_files.dtypes, expected)
+    state, non_finite = _read_state(source_files.read, expected, device, dtype)
+    if non_finite and check_finite:
+        raise CheckpointError(
+            f"{len(non_finite)} tensor(s) hold NaN or inf: {_preview(non_finite)}; the checkpoint is corrupt "
+            "(`attnres-lens inspect` lists them; from_pretrained(..., check_finite=False) loads it anyway)"
+        )
     if not fmt.with_routers:
         state.update(_schedule_router_state(cfg, fmt.schedule, device, dtype))
     if cfg.tie_word_embeddings:
         state["unembed.weight"] = state["embed.weight"]
     if tokenizer is None:
         tokenizer = _find_tokenizer(source_files.directory, cfg, source_files.hf)
-    return Checkpoint(cfg, fmt, state, tokenizer)
+    return Checkpoint(cfg, fmt, state, tokenizer, non_finite)
 
 
 @dataclass
@@ -544,6 +668,7 @@ class _SourceFiles:
     shapes: dict[str, tuple[int, ...]]
     read: Any  # callable: list of keys -> iterator of (key, tensor)
     directory: Optional[Path]
+    dtypes: dict[str, tuple[bool, str]] = field(default_factory=dict)  # key -> (floating point?, name)
 
 
 def _open_source(source: Union[str, os.PathLike, nn.Module]) -> _SourceFiles:
@@ -556,19 +681,36 @@ def _open_source(source: Union[str, os.PathLike, nn.Module]) -> _SourceFiles:
     if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
         detect_format(hf, set())  # raises the unsupported-architecture error first
     files = WeightFiles.find(directory)
-    return _SourceFiles(hf, files.keys(), files.shapes, files.read, directory)
+    return _SourceFiles(hf, files.keys(), files.shapes, files.read, directory, files.dtypes)
 
 
-def _read_state(read: Any, expected: dict[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+def _read_state(
+    read: Any, expected: dict[str, str], device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], list[str]]:
     # Always copy: an in-memory model's tensors are the user's, and safetensors hands out
     # copy-on-write maps of the file, which would tie the model to the file staying unchanged.
     # Each tensor's map is released as soon as its copy is made, so the peak stays at about
     # the model plus one tensor.
     state: dict[str, Tensor] = {}
+    non_finite: list[str] = []
     for key, tensor in read(sorted(expected)):
         state[expected[key]] = tensor.to(device=device, dtype=dtype, copy=True)
+        if not bool(torch.isfinite(tensor).all()):
+            non_finite.append(key)
         del tensor
-    return state
+    return state, non_finite
+
+
+def _check_dtypes(dtypes: dict[str, tuple[bool, str]], expected: dict[str, str]) -> None:
+    """Every weight is stored in a floating-point dtype (an int32 weight is not a weight)."""
+    wrong = [f"{key}: {dtypes[key][1]}" for key in sorted(expected) if key in dtypes and not dtypes[key][0]]
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} tensor(s) are stored in a dtype that does not fit their parameter, which expects a "
+            "floating-point dtype (float32, bfloat16 or float16): " + "; ".join(wrong[:8])
+            + (f"; ... ({len(wrong) - 8} more)" if len(wrong) > 8 else "")
+            + "; the checkpoint is corrupt or was converted wrongly"
+        )
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -603,33 +745,6 @@ def _resolve_dtype(dtype: Optional[Union[torch.dtype, str]]) -> torch.dtype:
     if dtype not in allowed.values():
         raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype}")
     return dtype
-
-
-#: The Qwen3 config.json fields the loader reads as integers / as numbers.
-_INT_FIELDS = ("num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads", "num_hidden_layers",
-               "intermediate_size", "vocab_size", "max_position_embeddings")
-_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "attnres_recency_bias_init")
-
-
-def check_config_types(hf: dict, where: str = "config.json") -> None:
-    """Refuse a config field of the wrong JSON type (``"num_hidden_layers": "four"``), naming
-    the field, its value and the file ``where``."""
-    for key in _INT_FIELDS + _NUMBER_FIELDS:
-        value = hf.get(key)
-        if value is None:
-            continue
-        integer = key in _INT_FIELDS
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise CheckpointError(
-                f"{where}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}"
-            )
-
-
-def _config_path(source: Any) -> str:
-    """How messages name the config of ``source``: its path when it is a directory."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
-        return str(Path(source) / "config.json")
-    return "config.json"
 
 
 def _resolve_directory(source: Union[str, os.PathLike]) -> Path:
@@ -678,7 +793,8 @@ def _from_module(source: nn.Module) -> "_SourceFiles":
 
     keys = {k for k in weights if not k.endswith(_IGNORED_KEYS_SUFFIXES)}
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    return _SourceFiles(hf, keys, shapes, read, None)
+    dtypes = {k: (v.is_floating_point(), str(v.dtype).removeprefix("torch.")) for k, v in weights.items()}
+    return _SourceFiles(hf, keys, shapes, read, None, dtypes)
 
 
 def _check_keys(keys: set[str], expected: dict[str, str], fmt: CheckpointFormat, cfg: AttnResConfig) -> None:

@@ -319,6 +319,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         center_unembed: bool = False,
         fold_value_biases: bool = False,
         refactor_factored_attn_matrices: bool = False,
+        check_finite: bool = True,
     ) -> "HookedAttnResTransformer":
         """Load a checkpoint, or wrap a vanilla Qwen3.
 
@@ -339,7 +340,9 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
         TransformerLens' weight-processing keywords (``fold_ln``, ``center_writing_weights``,
         ``center_unembed``, ``fold_value_biases``, ``refactor_factored_attn_matrices``; all off
         by default) are applied where exact and otherwise refused with ``ValueError`` before
-        anything is read (see :meth:`process_weights_`).
+        anything is read (see :meth:`process_weights_`). A checkpoint with NaN or inf weights is
+        refused, naming them; ``check_finite=False`` loads it anyway (``model.non_finite_keys``
+        then names them).
         """
         from .loading import read_checkpoint
 
@@ -358,6 +361,7 @@ class HookedAttnResTransformer(TLWeights, HookedRootModule):
             dtype=dtype,
             device=device,
             tokenizer=tokenizer,
+            check_finite=check_finite,
         ).into(cls)
         if any(processing.values()):
             model.process_weights_(**processing)

@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from .compat import PATCHING_HAS_REDUCE, TL_VERSION, ActivationCache, patching
 from .depth_patching import get_act_patch_depth_state
+from .effects import SWEEP_COLUMNS, Effects, grouping_kind
 from .interventions import MODES, REPLACING_MODES, TARGETS, Intervention, MaskAllSourcesError
 from .interventions.compile import compile_interventions
 from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mapping, lookup_router_tensor
 from .metrics import METRICS, LogitDiff, Metric, logit_diff_metric, non_finite_prompts, per_prompt_kl, per_prompt_loss
 from .model import HookedAttnResTransformer
-from .router import RouterSpec
 from .selection import (
     IndexSelector,
     Slice,
@@ -51,29 +51,22 @@ from .selection import (
     select_indices,
     sweep_units,
 )
-from .sweep_engine import BatchedPatchRuns, Rerun, clean_pass, default_budget, first_position, run_batched, run_naive
-
-
-class UndefinedInterventionWarning(UserWarning):
-    """Some sweep rows mask every source of a router: their metric is NaN."""
-
-
-SWEEP_COLUMNS: tuple[str, ...] = (
-    "router",
-    "layer",
-    "sublayer",
-    "source",
-    "family",
-    "label",
-    "n_copies",
-    "mass",
-    "metric_clean",
-    "metric_ablated",
-    "effect",
-    "mass_per_prompt",
-    "effect_per_prompt",
+from .sweep_engine import BatchedPatchRuns, Rerun, default_budget
+from .sweep_plan import (
+    ENGINES,
+    Local,
+    NonFiniteMetricWarning,
+    SweepResult,
+    SweepSpec,
+    UndefinedInterventionWarning,
+    execute,
+    measure,
+    plan,
+    warn_if_not_finite,
 )
-ENGINES: tuple[str, ...] = ("batched", "naive")
+from .sweep_sharded import Sharded
+
+
 
 
 # ============================================================================ TL-style patching
@@ -228,7 +221,7 @@ def _batched_patch_runs(
     activations line up with the corrupted run (``[batch or 1, pos, ...]``); else the model."""
     what = "weights" if target == "weight" else "sources"
     specs = {spec.layer: spec for spec in model.router_specs if spec.sublayer == sublayer}
-    values = {layer: {spec.id.hook(what): cache[spec.id.alias(what)]}
+    values = {layer: {f"{spec.name}.hook_{what}": cache[f"blocks.{layer}.hook_{sublayer}_router_{what}"]}
               for layer, spec in specs.items()}
     batch, n_pos = tokens.shape
     if any(t.ndim < 2 or t.shape[0] not in (batch, 1) or t.shape[1] != n_pos
@@ -240,57 +233,11 @@ def _batched_patch_runs(
         spec = specs[layer]
         iv = Intervention(Slice(spec.name, source), "patch", target=target, value=values[layer], positions=pos)
         reruns.append(Rerun(tuple(int(i) for i in row), iv, spec.step, pos or 0))
-        hook_names.append(spec.id.alias(what))
+        hook_names.append(f"blocks.{layer}.hook_{sublayer}_router_{what}")
     return BatchedPatchRuns(model, tokens, reruns, hook_names, default_budget(model, tokens.numel()))
 
 
 # ============================================================================ the sweep
-def _prepare_reference(
-    model: HookedAttnResTransformer,
-    mode: str,
-    reference: Any,
-    tokens: Tensor,
-    reads: list[tuple[RouterSpec, str]],
-    batch_size: int,
-) -> Optional[dict[str, Tensor]]:
-    """The reference activations the sweep's interventions read (``reads``: (router, hook
-    part) pairs), as ``{hook name: tensor}``."""
-    names = [spec.id.hook(what) for spec, what in reads]
-    if mode not in REPLACING_MODES:
-        if reference is not None:
-            raise ValueError(f"reference= is used by modes {REPLACING_MODES}, not by {mode!r}")
-        return None
-    if reference is None:
-        if mode == "patch":
-            raise ValueError(
-                "mode 'patch' needs reference=: the tokens or the ActivationCache of the run to patch from"
-            )
-        if mode == "resample":
-            return None  # within each batch
-        reference = tokens  # mean over the swept prompts themselves
-    if isinstance(reference, (ActivationCache, Mapping)):
-        cache = cache_mapping(reference)
-        out = {}
-        for spec, what in reads:
-            out[spec.id.hook(what)] = lookup_router_tensor(cache, spec, what)
-        return out
-    if not isinstance(reference, Tensor):
-        raise TypeError(f"reference must be integer tokens or an ActivationCache, got {type(reference).__name__}")
-    ref_tokens = model.validate_tokens(reference)
-    if mode == "patch" and ref_tokens.shape != tokens.shape:
-        raise ValueError(
-            f"patch reference tokens have shape {tuple(ref_tokens.shape)} but the swept tokens have "
-            f"{tuple(tokens.shape)}: patching pairs prompt b with reference prompt b"
-        )
-    parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    with torch.no_grad():
-        for start in range(0, ref_tokens.shape[0], batch_size):
-            _, cache = model.run_with_cache(ref_tokens[start : start + batch_size], names_filter=names)
-            for n in names:
-                parts[n].append(cache.cache_dict[n])
-    return {n: torch.cat(ts) for n, ts in parts.items()}
-
-
 def sweep_sources(
     model: HookedAttnResTransformer,
     tokens: Int[Tensor, "batch pos"],
@@ -372,312 +319,35 @@ def sweep_sources(
         ``df.attrs`` holds ``metric_clean_per_prompt``, ``mode``, ``target``, ``metric`` and
         ``engine``.
     """
-    if checkpoint_dir is not None or distributed.is_active():
-        from .attribution.sharded import sharded_sweep  # attribution builds on this module
-
-        sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                            bands=bands, reference=reference, max_batch_tokens=max_batch_tokens, target=target,
-                            factor=factor, seed=seed, routers=routers, merge_duplicates=merge_duplicates)
-        (result,) = sharded_sweep(model, [model.validate_tokens(tokens)], metric=Metric.resolve(metric),
-                                  sweep_kwargs=sweep_kwargs, checkpoint_dir=checkpoint_dir, progress=progress)
-    else:
-        result = run_sweep(
-            model, tokens, mode=mode, metric=metric, groups=groups, positions=positions,
-            batch_size=batch_size, engine=engine, bands=bands, reference=reference, progress=progress,
-            max_batch_tokens=max_batch_tokens, target=target, factor=factor, seed=seed, routers=routers,
-            merge_duplicates=merge_duplicates,
-        )
-    warn_if_not_finite(result)
-    return result.table
-
-
-class NonFiniteMetricWarning(UserWarning):
-    """The metric was NaN or infinite on some prompt: those effects are not numbers."""
-
-
-def warn_if_not_finite(result: SweepResult) -> None:
-    """Say once, naming prompts and the first row, where the metric itself was not finite (rows
-    left undefined on purpose, masking every source of a router, are not counted)."""
-    clean = non_finite_prompts(result.table.attrs.get("metric_clean_per_prompt", []))
-    if clean:
-        warnings.warn(f"the metric is not finite on the clean run (prompt(s) {clean[:10]}); every effect "
-                      "on those prompts is NaN: a metric must return finite values", NonFiniteMetricWarning, stacklevel=3)
-        return
-    for position, (_, row) in enumerate(result.table.iterrows()):
-        prompts = [] if position in result.undefined else non_finite_prompts(row["effect_per_prompt"])
-        if prompts:
-            warnings.warn(f"the metric is not finite after intervening on {row['label']!r} (router={row['router']!r}, "
-                          f"source={row['source']!r}) on prompt(s) {prompts[:10]}; a metric must return finite "
-                          "values for every slice", NonFiniteMetricWarning, stacklevel=3)
-            return
-
-
-@dataclass
-class SweepResult:
-    """A sweep's table and, row for row, the structured :class:`~attnres_lens.selection.SweepUnit`
-    behind each row; ``undefined`` lists the rows whose intervention is undefined (NaN rows)."""
-
-    table: pd.DataFrame
-    units: list[SweepUnit]
-    undefined: tuple[int, ...]
-
-
-@dataclass
-class SweepSettings:
-    """The validated settings of one sweep (see :func:`sweep_sources` for each)."""
-
-    mode: str
-    target: Optional[str]
-    factor: Optional[float]
-    seed: int
-    metric: Metric
-    positions: IndexSelector
-    intervened_positions: list[int]
-    batch_size: int
-    engine: str
-    max_batch_tokens: Optional[int]
-    progress: bool
-
-    def intervention(self, unit: SweepUnit, value: Any) -> Intervention:
-        return Intervention(unit.where, self.mode, target=self.target, value=value,
-                            positions=self.positions, seed=self.seed)
+    spec = SweepSpec(mode=mode, metric=metric, groups=groups, positions=positions, batch_size=batch_size,
+                     engine=engine, bands=bands, target=target, factor=factor, seed=seed, routers=routers,
+                     merge_duplicates=merge_duplicates, max_batch_tokens=max_batch_tokens, reference=reference,
+                     progress=progress)
+    sharded = checkpoint_dir is not None or distributed.is_active()
+    effects = execute(plan(model, spec), tokens, Sharded(checkpoint_dir) if sharded else Local())
+    warn_if_not_finite(effects)
+    return effects.sweep_table()
 
 
 def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"], **kwargs: Any) -> SweepResult:
-    """:func:`sweep_sources` (same arguments), returning the table together with its units.
+    """:func:`sweep_sources` (same arguments but ``checkpoint_dir``; one process), returning
+    the table together with its units (a :class:`SweepResult`, whose ``effects`` is the
+    :class:`~attnres_lens.effects.Effects`).
 
-    ``unit_indices=[i, ...]`` sweeps only those rows of the full sweep (in that order): the
-    work items of a sharded or resumed sweep (:mod:`attnres_lens.attribution.sharded`)."""
-    groups, bands, routers = kwargs.pop("groups", "slice"), kwargs.pop("bands", None), kwargs.pop("routers", None)
+    ``unit_indices=[i, ...]`` sweeps only those rows of the full sweep (in that order)."""
     unit_indices = kwargs.pop("unit_indices", None)
-    reference = kwargs.pop("reference", None)
-    merge_duplicates = kwargs.pop("merge_duplicates", True)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
-    tokens = model.validate_tokens(tokens)
-    settings = _sweep_settings(tokens, **kwargs)
-    _check_resample_batches(settings, tokens.shape[0], reference)
-    units = sweep_units(model, groups, bands, routers, merge_duplicates)
-    if unit_indices is not None:
-        units = [units[i] for i in unit_indices]
-    reference_values = _reference_values(model, settings, reference, tokens, units)
-    undefined = _undefined_units(model, settings, units, reference_values)
-    clean, mass, ablated = _measure(model, tokens, settings, units, undefined, reference_values)
-    return SweepResult(_sweep_table(units, settings, clean, mass, ablated), units, undefined)
-
-
-def _sweep_settings(
-    tokens: Tensor,
-    *,
-    mode: str = "zero",
-    metric: Any = "loss",
-    positions: Any = None,
-    batch_size: Optional[int] = None,
-    engine: str = "batched",
-    progress: bool = True,
-    max_batch_tokens: Optional[int] = None,
-    target: Optional[str] = None,
-    factor: Optional[float] = None,
-    seed: int = 0,
-) -> SweepSettings:
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; valid: {ENGINES}")
-    target = _check_target_and_factor(mode, target, factor)
-    n_prompts, n_pos = tokens.shape
-    resolved_metric = Metric.resolve(metric)
-    if resolved_metric.fn == "loss" and n_pos < 2:
-        raise ValueError("metric 'loss' needs at least 2 positions (it scores next-token predictions)")
-    selector = as_index("positions", positions)
-    intervened = select_indices("positions", selector, n_pos, "sweep_sources(positions=...)")
-    batch_size = n_prompts if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    if max_batch_tokens is not None and (
-        isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
-    ):
-        raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
-    return SweepSettings(mode, target, factor, seed, resolved_metric, selector, intervened,
-                         batch_size, engine, max_batch_tokens, progress)
-
-
-def _check_target_and_factor(mode: str, target: Optional[str], factor: Optional[float]) -> Optional[str]:
-    """The target the mode acts on (``"weight"`` by default for replacing modes)."""
-    if mode in REPLACING_MODES:
-        target = "weight" if target is None else target
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; valid targets: {TARGETS}")
-    elif target is not None:
-        raise ValueError(f"target= applies to modes {REPLACING_MODES}, not to {mode!r}")
-    if mode == "scale" and factor is None:
-        raise ValueError("mode 'scale' needs factor=")
-    if mode != "scale" and factor is not None:
-        raise ValueError(f"factor= applies to mode 'scale', not to {mode!r}")
-    return target
-
-
-def _check_resample_batches(settings: SweepSettings, n_prompts: int, reference: Any) -> None:
-    batch_size = settings.batch_size
-    smallest = n_prompts - (math.ceil(n_prompts / batch_size) - 1) * batch_size
-    if settings.mode == "resample" and reference is None and smallest < 2:
-        raise ValueError(
-            f"resampling within the batch needs minibatches of at least 2 prompts, but {n_prompts} "
-            f"prompts in minibatches of {batch_size} leave one of {smallest}; change batch_size or "
-            "pass reference="
-        )
-
-
-def _reference_values(
-    model: HookedAttnResTransformer, settings: SweepSettings, reference: Any, tokens: Tensor, units: list[SweepUnit]
-) -> Any:
-    """The value every intervention of the sweep carries: the factor, or the reference activations."""
-    if settings.mode == "scale":
-        return settings.factor
-    names = []
-    if settings.mode in REPLACING_MODES:
-        for spec in {spec.name: spec for unit in units for spec, _ in unit.touched}.values():
-            names += [(spec, what) for what in HOOKS_OF_TARGET[settings.target]]
-    values = _prepare_reference(model, settings.mode, reference, tokens, names, settings.batch_size)
-    if settings.mode == "patch":
-        n_prompts = tokens.shape[0]
-        for name, t in values.items():
-            if t.ndim < 1 or t.shape[0] not in (n_prompts, 1):
-                raise ValueError(
-                    f"patch reference {name} has batch {t.shape[0] if t.ndim else None}, but "
-                    f"{n_prompts} prompts are swept: it must be {n_prompts} (or 1)"
-                )
-    return values
-
-
-def _undefined_units(
-    model: HookedAttnResTransformer, settings: SweepSettings, units: list[SweepUnit], value: Any
-) -> tuple[int, ...]:
-    """Units whose intervention is undefined (masking every source of a router), with a warning."""
-    undefined = []
-    memo = ReferenceMemo()
-    for i, unit in enumerate(units):
-        try:
-            compile_interventions(model, [settings.intervention(unit, value)], memo=memo)
-        except MaskAllSourcesError:
-            undefined.append(i)
-    if undefined:
-        warnings.warn(
-            f"{len(undefined)} rows mask every source of a router (undefined: nothing left to route "
-            f"to); their metric_ablated and effect are NaN: {[units[i].label for i in undefined][:6]}",
-            UndefinedInterventionWarning,
-            stacklevel=4,
-        )
-    return tuple(undefined)
-
-
-def _measure(
-    model: HookedAttnResTransformer,
-    tokens: Tensor,
-    settings: SweepSettings,
-    units: list[SweepUnit],
-    undefined: tuple[int, ...],
-    value: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The clean metric ``[prompt]``, the mass and the ablated metric ``[unit, prompt]``, by minibatch."""
-    n_prompts = tokens.shape[0]
-    ablated = np.full((len(units), n_prompts), np.nan)
-    mass = np.full((len(units), n_prompts), np.nan)
-    clean_values = np.zeros(n_prompts)
-    n_batches = math.ceil(n_prompts / settings.batch_size)
-    bar = tqdm(total=len(units) * n_batches, disable=not settings.progress, desc="sweep_sources")
-    try:
-        for start in range(0, n_prompts, settings.batch_size):
-            rows = slice(start, min(start + settings.batch_size, n_prompts))
-            minibatch_value = value
-            if settings.mode == "patch":
-                minibatch_value = {n: (t if t.shape[0] == 1 else t[rows]) for n, t in value.items()}
-            clean_values[rows], mass[:, rows], results = _measure_minibatch(
-                model, tokens, rows, settings, units, undefined, minibatch_value, bar
-            )
-            for i, values in results.items():
-                ablated[i, rows] = values.cpu().double().numpy()
-            bar.update(len(undefined))
-    finally:
-        bar.close()
-    return clean_values, mass, ablated
-
-
-def _measure_minibatch(
-    model: HookedAttnResTransformer,
-    tokens: Tensor,
-    rows: slice,
-    settings: SweepSettings,
-    units: list[SweepUnit],
-    undefined: tuple[int, ...],
-    value: Any,
-    bar: Any,
-) -> tuple[np.ndarray, np.ndarray, dict[int, Tensor]]:
-    minibatch = tokens[rows]
-    metric = settings.metric.for_prompts(torch.arange(rows.start, rows.stop))
-    clean = clean_pass(model, minibatch)
-    clean_log_probs = F.log_softmax(clean.logits.float(), dim=-1) if metric.fn == "kl" else None
-    clean_values = metric(clean.logits, minibatch, clean_log_probs).cpu().double().numpy()
-    # mass is read where the metric reads, among the intervened positions
-    intervened = settings.intervened_positions
-    read = sorted(set(metric.read_positions(minibatch.shape[1])) & set(intervened)) or intervened
-    mass = np.stack([_mass(clean.weights, unit.touched, read).cpu().double().numpy() for unit in units])
-    interventions = {i: settings.intervention(units[i], value) for i in range(len(units)) if i not in undefined}
-    if settings.engine == "naive":
-        results = run_naive(model, minibatch, interventions, metric, clean_log_probs, bar)
-    else:
-        budget = settings.max_batch_tokens or default_budget(model, minibatch.numel())
-        n_pos = minibatch.shape[1]
-        reruns = [Rerun(i, iv, units[i].start, first_position(iv, n_pos)) for i, iv in interventions.items()]
-        results = run_batched(model, minibatch, reruns, metric, clean, clean_log_probs, budget, bar)
-    return clean_values, mass, results
-
-
-def _sweep_table(
-    units: list[SweepUnit], settings: SweepSettings, clean: np.ndarray, mass: np.ndarray, ablated: np.ndarray
-) -> pd.DataFrame:
-    effect = ablated - clean[None, :]
-    rows = []
-    for i, unit in enumerate(units):
-        rows.append(dict(
-            unit.keys(),
-            mass=float(mass[i].mean()),
-            metric_clean=float(clean.mean()),
-            metric_ablated=float(ablated[i].mean()),
-            effect=float(effect[i].mean()),
-            mass_per_prompt=mass[i].copy(),
-            effect_per_prompt=effect[i].copy(),
-        ))
-    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    table["layer"] = table["layer"].astype("Int64")
-    table["source"] = table["source"].astype("Int64")
-    table["n_copies"] = table["n_copies"].astype("Int64")
-    table.attrs.update(
-        metric_clean_per_prompt=clean,
-        mode=settings.mode,
-        target=settings.target,
-        metric=settings.metric.name,
-        engine=settings.engine,
-    )
-    return table
-
-
-def _mass(weights: dict[str, Tensor], touched: Touched, read: list[int]) -> Float[Tensor, " batch"]:
-    """Per prompt: per router the summed weight of the touched sources (mean over ``read``), then the mean over routers."""
-    per_router = []
-    for spec, sources in touched:
-        w = weights[spec.name]  # [batch, pos, source]
-        p = torch.tensor(read, device=w.device)
-        s = torch.tensor(sources, device=w.device)
-        per_router.append(w[:, p][:, :, s].float().sum(dim=-1).mean(dim=-1))
-    return torch.stack(per_router).mean(dim=0)
+    return SweepResult(measure(plan(model, SweepSpec(**kwargs)), tokens, unit_indices=unit_indices))
 
 
 __all__ = [
     "LogitDiff",
     "NonFiniteMetricWarning",
+    "ENGINES",
     "SWEEP_COLUMNS",
     "SweepResult",
+    "SweepSpec",
     "UndefinedInterventionWarning",
     "default_bands",
     "get_act_patch_depth_state",

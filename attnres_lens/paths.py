@@ -4,6 +4,7 @@ applies the same rule to ``from_pretrained``'s source."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ def local_checkpoint(source: Union[str, os.PathLike]) -> Optional[Path]:
     Raises :class:`NotADirectoryError` for a file and :class:`FileNotFoundError` for a path that
     is neither an existing directory nor shaped like a hub id, naming ``source`` as given."""
     path = Path(source).expanduser()
+    check_link(path)  # a link loop is neither a directory nor a hub id
     if path.is_dir():
         return path
     if path.exists():
@@ -24,6 +26,20 @@ def local_checkpoint(source: Union[str, os.PathLike]) -> Optional[Path]:
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name!r} is neither a local directory nor a hub id of the form 'org/name'")
     return None
+
+
+def check_link(path: Union[str, os.PathLike]) -> None:
+    """Refuse, saying which, a path that is a symbolic link loop (:class:`ValueError`) or a
+    dangling link (:class:`FileNotFoundError`)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{str(path)!r} is a symbolic link loop (it, or a link on its way, points back "
+                             "at itself); point it at the real file or directory") from None
+        if err.errno == errno.ENOENT and os.path.islink(path):
+            raise FileNotFoundError(f"{str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does "
+                                    "not exist") from None
 
 
 def check_creatable(path: Union[str, os.PathLike], what: str = "the output") -> None:

@@ -19,6 +19,7 @@ schedule against an AttnRes model whose routing was trained, under identical int
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .outputs import check_output_dir, staged_output_dir
+from .records import RecordsRecoveredWarning
+from .outputs import OutputLockedError, check_output_dir, output_lock, staged_output_dir
 from .serialize import jsonable
 
 #: Top-level keys of ``summary.json``.
@@ -277,16 +279,42 @@ def run_protocol(
     With ``checkpoint_dir``, every finished sweep unit is recorded there (one store per model
     and grouping) and a rerun with the same models, tokens and arguments recomputes only what
     is missing. Under ``torchrun`` the sweeps are shared across the ranks; rank 0 alone writes
-    ``out_dir``, and only once every unit is present (``docs/scale.md``).
+    ``out_dir``, and only once every unit is present (``docs/scale.md``). One run at a time
+    writes ``out_dir``: a second is refused (:class:`~attnres_lens.outputs.OutputLockedError`,
+    naming the first one's pid).
     """
-    from tqdm.auto import tqdm
-
     settings = ProtocolSettings(
         mode=mode, metric=metric, groups=tuple(groups), n_boot=n_boot, seed=seed, batch_size=batch_size, bands=bands,
         merge_duplicates=merge_duplicates,
     )
     _check_subjects(subjects, settings)
     check_output_dir(out_dir, overwrite=overwrite)
+    with _one_writer(out_dir):
+        return _run_protocol(subjects, tokens, out_dir, settings, progress=progress, command=command, data=data,
+                             title=title, intro=intro, overwrite=overwrite, checkpoint_dir=checkpoint_dir)
+
+
+@contextlib.contextmanager
+def _one_writer(out_dir: Union[str, Path]):
+    """Hold ``out_dir``'s lock (rank 0) for the whole run; every rank refuses when it is taken."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if distributed.is_writer():
+            try:
+                stack.enter_context(output_lock(Path(out_dir).expanduser()))
+            except OutputLockedError as err:
+                refusal = str(err)
+        refusals = [text for part in distributed.gather_lists([refusal]) for text in part if text]
+        if refusals:
+            raise OutputLockedError(refusals[0])
+        yield
+
+
+def _run_protocol(subjects: Sequence[Subject], tokens: Tensor, out_dir: Union[str, Path], settings: "ProtocolSettings",
+                  *, progress: bool, command: str, data: Optional[dict], title: str, intro: str, overwrite: bool,
+                  checkpoint_dir: Optional[Union[str, Path]]) -> ProtocolResult:
+    from tqdm.auto import tqdm
+
     t_start = time.perf_counter()
     writer = distributed.is_writer()
     progress = progress and writer
@@ -413,6 +441,7 @@ def _measure_subject(
     for grouping in settings.groups:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "rough CIs" for few prompts: said in the report
+            warnings.simplefilter("always", RecordsRecoveredWarning)  # torn records: the user must hear of them
             report = mass_vs_effect(
                 model, model_tokens, groups=grouping, **settings.mass_vs_effect_options(),
                 checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / grouping,

@@ -10,7 +10,11 @@ A store is a directory:
   over the canonical JSON of the record. Each line is flushed and fsynced before the unit
   counts as done.
 
-Reading skips (and reports) a torn line (a process killed mid-write) and a line whose checksum
+Every record carries the run's identity (``"run"``: the SHA-256 of the manifest): a store is
+refused (:class:`RunMismatchError`) when it holds another run's records, even when its
+``manifest.json`` is gone.
+
+Reading skips (and reports, :class:`RecordsRecoveredWarning`) a torn line (a process killed mid-write) and a line whose checksum
 does not match: those units are simply recomputed. A key present twice (a unit recomputed
 after a torn copy) is read once. Floats survive the round trip exactly (JSON writes the
 shortest repr), NaN included.
@@ -30,6 +34,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .outputs import atomic_write_text, fsync_dir
 from .serialize import jsonable
 
 #: Test hook: after this many records, the writing process stops and waits (to be killed).
@@ -39,6 +44,10 @@ MANIFEST = "manifest.json"
 
 class RunMismatchError(ValueError):
     """A store holds the results of a run with another model, other tokens or other settings."""
+
+
+class RecordsRecoveredWarning(UserWarning):
+    """Torn or corrupt records were left out of a store: their units are recomputed."""
 
 
 def _canonical(record: Mapping[str, Any]) -> str:
@@ -86,6 +95,8 @@ class RecordStore:
     def __init__(self, directory: Union[str, Path], manifest: Mapping[str, Any], *, tag: str = "r0"):
         self.directory = Path(directory)
         self.manifest = jsonable(dict(manifest))
+        #: the run's identity, carried by every record it writes
+        self.run = _checksum(_canonical(json.loads(json.dumps(self.manifest))))
         self.tag = tag
         self._file: Optional[Any] = None
         self._written = 0
@@ -99,10 +110,10 @@ class RecordStore:
             return
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"checkpoint_dir {self.directory} exists and is not a directory")
+        if self.directory.is_dir():
+            self.load(quiet=True)  # the manifest is gone: the records themselves say whose they are
         self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
 
     def check_manifest(self) -> None:
         """Raise :class:`RunMismatchError` when the stored manifest is not this run's."""
@@ -122,8 +133,9 @@ class RecordStore:
             )
 
     # ------------------------------------------------------------------ records
-    def load(self) -> Loaded:
-        """Every valid record by key; torn and corrupt lines are counted and left out."""
+    def load(self, *, quiet: bool = False) -> Loaded:
+        """Every valid record by key; torn and corrupt lines are counted and left out (with a
+        warning unless ``quiet``). A record of another run raises :class:`RunMismatchError`."""
         loaded = Loaded()
         for path in sorted(self.directory.glob("records-*.jsonl")):
             data = path.read_bytes()
@@ -138,24 +150,37 @@ class RecordStore:
                 if record is None:
                     loaded.corrupt += 1
                     continue
+                self._check_run(record, path)
                 loaded.records.setdefault(record["key"], record)
-        if loaded.torn or loaded.corrupt:
+        if (loaded.torn or loaded.corrupt) and not quiet:
             warnings.warn(
                 f"{self.directory}: {loaded.torn} torn and {loaded.corrupt} corrupt record(s) left out; "
                 "their units are recomputed",
+                RecordsRecoveredWarning,
                 stacklevel=2,
             )
         return loaded
 
+    def _check_run(self, record: Mapping[str, Any], path: Path) -> None:
+        if record.get("run") != self.run:
+            whose = f"run {str(record['run'])[:12]}" if record.get("run") else "a run without a run identity (an older version)"
+            raise RunMismatchError(
+                f"{path} holds a record of another run ({whose}; this run is {self.run[:12]}: other model, "
+                "tokens or settings); refusing to mix them. Rerun with the same arguments to resume, or use "
+                f"another directory (or remove {self.directory}) to start over"
+            )
+
     def append(self, record: Mapping[str, Any]) -> None:
-        """Append one record (it must hold a ``"key"``), flushed and fsynced."""
+        """Append one record (it must hold a ``"key"``), flushed and fsynced; it is stamped
+        with the run's identity (``"run"``)."""
         if "key" not in record:
             raise KeyError("a record needs a 'key'")
-        text = _canonical(record)
+        text = _canonical({**record, "run": self.run})
         line = json.dumps({"sha256": _checksum(text), "record": json.loads(text)}, separators=(",", ":"))
         if self._file is None:
             name = f"records-{self.tag}-{time.time_ns()}-{os.getpid()}.jsonl"
             self._file = open(self.directory / name, "a", encoding="utf-8")
+            fsync_dir(self.directory)  # the new file's entry survives a crash with its first line
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -190,4 +215,5 @@ def _pause_for_tests(written: int) -> None:
             time.sleep(60)
 
 
-__all__ = ["Loaded", "MANIFEST", "PAUSE_ENV", "RecordStore", "RunMismatchError", "model_hash", "tokens_hash"]
+__all__ = ["Loaded", "MANIFEST", "PAUSE_ENV", "RecordStore", "RecordsRecoveredWarning", "RunMismatchError", "model_hash",
+           "tokens_hash"]

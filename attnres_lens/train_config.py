@@ -17,6 +17,8 @@ TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
 TRAINING_LOG = "training_log.json"
 CHECKPOINTS = "checkpoints"
+#: Written last into a checkpoint directory: the step is complete (with its files' sizes).
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 PathLike = Union[str, Path]
 
 

@@ -61,6 +61,7 @@ import random
 import shutil
 import sysconfig
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,23 @@ import torch
 from torch import Tensor, nn
 
 from . import loading, metrics
-from .outputs import check_output_dir, honour_umask
+from .outputs import (
+    OWNER_MARK,
+    atomic_write_text,
+    check_output_dir,
+    clear_contents,
+    contents,
+    drop_set_aside,
+    end_staging,
+    fsync_dir,
+    fsync_tree,
+    honour_umask,
+    new_staging,
+    output_lock,
+    pause_point,
+    remove_stale,
+    restore_set_aside,
+)
 from .resources import available_memory_bytes, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
@@ -87,6 +104,7 @@ from .train_config import (
     TRAIN_CONFIG,
     TRAINER_STATE,
     TRAINING_LOG,
+    CHECKPOINT_COMPLETE,
     PathLike,
     TrainConfig,
     TrainingError,
@@ -492,27 +510,52 @@ def checkpoint_dir(out_dir: PathLike, step: int) -> Path:
     return Path(out_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
-def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
-    """The checkpoint with the highest step under ``out_dir/checkpoints`` (or ``None``)."""
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """Why ``checkpoint`` is not a complete checkpoint (``None`` when it is): its completion
+    marker (:data:`CHECKPOINT_COMPLETE`, written last) is missing or unreadable, or a file it
+    lists is missing or has another size than when it was written."""
+    marker = checkpoint / CHECKPOINT_COMPLETE
+    if not marker.is_file():
+        return f"no {CHECKPOINT_COMPLETE} (its writing was cut short)"
+    try:
+        sizes = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {CHECKPOINT_COMPLETE} cannot be read ({err})"
+    for name, size in sizes.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+    return None
+
+
+def scan_checkpoints(out_dir: PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The complete checkpoints under ``out_dir/checkpoints``, newest first, and the
+    incomplete ones with why each is not complete."""
     root = Path(out_dir) / CHECKPOINTS
-    found = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()) if root.is_dir() else []
-    return found[-1] if found else None
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    complete, skipped = [], []
+    for path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        else:
+            skipped.append((path, problem))
+    return complete, skipped
+
+
+def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
+    """The complete checkpoint with the highest step under ``out_dir/checkpoints`` (or ``None``)."""
+    complete, _ = scan_checkpoints(out_dir)
+    return complete[0] if complete else None
 
 
 def read_checkpoint_config(checkpoint: PathLike) -> TrainConfig:
-    """The training config stored in a checkpoint directory (or in a finished run's directory)."""
-    checkpoint = Path(checkpoint)
-    state_file = checkpoint / TRAINER_STATE
-    if not state_file.is_file():
-        latest = latest_checkpoint(checkpoint)
-        if latest is None:
-            raise TrainingError(
-                f"{checkpoint} is not a training checkpoint (no {TRAINER_STATE}) and holds no "
-                f"{CHECKPOINTS}/step-* checkpoints"
-            )
-        state_file = latest / TRAINER_STATE
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    return TrainConfig.from_dict(state["config"])
+    """The training config stored in a checkpoint directory (or in a run directory's newest
+    complete checkpoint)."""
+    resumed = _find_resume(checkpoint)
+    return TrainConfig.from_dict(resumed.state["config"])
 
 
 def train(
@@ -587,6 +630,23 @@ def _train(
     check_memory: bool,
 ) -> TrainResult:
     say = log if log is not None else (print if progress else (lambda _msg: None))
+    out_dir = Path(cfg.out_dir).expanduser()
+    with output_lock(out_dir):  # one writer per output directory
+        remove_stale(out_dir)
+        remove_stale(out_dir / CHECKPOINTS)
+        return _train_locked(cfg, resume=resume, progress=progress, say=say, overwrite=overwrite,
+                             check_memory=check_memory)
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    *,
+    resume: Optional[PathLike],
+    progress: bool,
+    say: Callable[[str], None],
+    overwrite: bool,
+    check_memory: bool,
+) -> TrainResult:
     resumed = _find_resume(resume)
     if resumed is not None:
         cfg = _resumed_config(cfg, resumed)
@@ -604,22 +664,27 @@ def _train(
     run = _start_run(cfg, tokenizer, resumed, device)
     n_params = sum(p.numel() for p in run.model.parameters())
     out_dir = Path(cfg.out_dir)
-    if replace_out_dir:
-        shutil.rmtree(out_dir)  # only now: a run refused above leaves the old one in place
     out_dir.mkdir(parents=True, exist_ok=True)
+    # only now: a run refused above leaves the old one in place; and the old results are only
+    # set aside (inside out_dir, which may be a mount point) until the new ones are complete
+    aside = clear_contents(out_dir) if replace_out_dir else None
     say(_start_message(cfg, n_params, corpus, device, run.start))
 
     t0 = time.perf_counter()
-    _run_steps(run, cfg, corpus, tokenizer, windows, autocast, device, progress)
-    wall = time.perf_counter() - t0
-
-    if not run.evals or run.evals[-1]["step"] != cfg.steps:
-        run.evals.append({"step": cfg.steps, "eval_loss": evaluate(run.model, windows, cfg.batch_size, autocast)})
-    final_eval = run.evals[-1]["eval_loss"]
-    save_model(run.model, out_dir, tokenizer)
-    (out_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    summary = _training_log(cfg, run, corpus, n_params, final_eval, unigram, wall)
-    (out_dir / TRAINING_LOG).write_text(json.dumps(summary, indent=1) + "\n")
+    try:
+        _run_steps(run, cfg, corpus, tokenizer, windows, autocast, device, progress)
+        wall = time.perf_counter() - t0
+        if not run.evals or run.evals[-1]["step"] != cfg.steps:
+            run.evals.append({"step": cfg.steps, "eval_loss": evaluate(run.model, windows, cfg.batch_size, autocast)})
+        final_eval = run.evals[-1]["eval_loss"]
+        summary = _training_log(cfg, run, corpus, n_params, final_eval, unigram, wall)
+        _write_final(run.model, out_dir, tokenizer, cfg, summary)
+    except Exception as err:
+        failure = _failed(err, out_dir, aside)
+        if failure is err:
+            raise
+        raise failure from err
+    drop_set_aside(out_dir)  # the new results are complete: the old ones may go
     say(
         f"done: eval loss {final_eval:.4f} nats/token (unigram baseline {unigram:.4f}) after "
         f"{cfg.steps} steps, {wall:.0f}s; saved to {out_dir}"
@@ -637,6 +702,25 @@ def _train(
     )
 
 
+def _failed(err: Exception, out_dir: Path, aside: Optional[Path]) -> Exception:
+    """The error of a run that failed while it wrote: where the run can be resumed from, and
+    what became of the old results it was replacing."""
+    complete = latest_checkpoint(out_dir)
+    if aside is not None and complete is None:
+        restore_set_aside(out_dir, aside)  # nothing of the new run is worth keeping
+        aside = None
+    if not isinstance(err, OSError) and complete is None and aside is None:
+        return err
+    what = f"{err.strerror or err} ({err.filename})" if isinstance(err, OSError) and err.filename else str(err)
+    message = f"training failed: {what}"
+    if complete is not None:
+        message += (f"; the last complete checkpoint is {complete}: once the cause is fixed, resume "
+                    f"with `attnres-lens train --resume {out_dir}` (train(cfg, resume=...))")
+    if aside is not None:
+        message += f"; the results this run replaces are kept in {aside} until it completes"
+    return TrainingError(message)
+
+
 def _check_out_dir(cfg: TrainConfig, resumed: Optional[_Resumed], overwrite: bool) -> bool:
     """Whether ``cfg.out_dir`` must be cleared before the run writes; refuses a directory that
     holds another run's files unless ``overwrite``."""
@@ -652,7 +736,7 @@ def _check_out_dir(cfg: TrainConfig, resumed: Optional[_Resumed], overwrite: boo
         check_output_dir(out_dir, overwrite=overwrite, flag="--overwrite (overwrite=True)")
     except (FileExistsError, NotADirectoryError) as err:
         raise TrainingError(str(err)) from None
-    return overwrite and out_dir.is_dir() and any(out_dir.iterdir())
+    return overwrite and out_dir.is_dir() and bool(contents(out_dir))
 
 
 def activation_memory_bytes(cfg: TrainConfig, n_vocab: int) -> int:
@@ -681,18 +765,53 @@ def _check_activation_memory(cfg: TrainConfig, n_vocab: int, device: torch.devic
         )
 
 
+class ResumeWarning(UserWarning):
+    """Resuming skipped a checkpoint that is not complete, or uses one not marked complete."""
+
+
 def _find_resume(resume: Optional[PathLike]) -> Optional[_Resumed]:
-    """The checkpoint to continue (a run directory means its latest checkpoint)."""
+    """The checkpoint to continue: ``resume`` itself when it is one, else the newest complete
+    checkpoint of the run directory ``resume`` whose trainer state loads (saying which newer
+    ones were skipped and why)."""
     if resume is None:
         return None
-    checkpoint = Path(resume)
-    if not (checkpoint / TRAINER_STATE).is_file():
-        latest = latest_checkpoint(checkpoint)
-        if latest is None:
-            raise TrainingError(f"cannot resume from {checkpoint}: no {TRAINER_STATE} and no checkpoints in it")
-        checkpoint = latest
-    state = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
-    return _Resumed(checkpoint, state)
+    given = Path(resume)
+    if (given / TRAINER_STATE).is_file():
+        problem = checkpoint_problem(given)
+        if problem is not None:
+            warnings.warn(f"resume: {given} is not marked complete ({problem}); resuming from it as asked",
+                          ResumeWarning, stacklevel=4)
+        try:
+            return _Resumed(given, _load_trainer_state(given))
+        except TrainingError as err:
+            raise TrainingError(f"cannot resume from {given}: {err}; resume from the run directory "
+                                "to use its newest complete checkpoint") from None
+    complete, skipped = scan_checkpoints(given)
+    for checkpoint in complete:
+        try:
+            state = _load_trainer_state(checkpoint)
+        except TrainingError as err:
+            skipped.append((checkpoint, str(err)))
+            continue
+        newer = [(p, why) for p, why in sorted(skipped, reverse=True) if p.name > checkpoint.name]
+        if newer:
+            reasons = "; ".join(f"skipped {path.name}: {why}" for path, why in newer)
+            warnings.warn(f"resume: {reasons}; continuing from {checkpoint.name}, the newest complete "
+                          "checkpoint", ResumeWarning, stacklevel=4)
+        return _Resumed(checkpoint, state)
+    reasons = "; ".join(f"{p.name}: {why}" for p, why in sorted(skipped, reverse=True)[:5])
+    raise TrainingError(
+        f"cannot resume from {given}: it is not a training checkpoint (no {TRAINER_STATE}) and holds "
+        f"no complete {CHECKPOINTS}/step-* checkpoint"
+        + (f" (skipped {reasons})" if reasons else "")
+    )
+
+
+def _load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises EOFError, RuntimeError, pickle errors...
+        raise TrainingError(f"its {TRAINER_STATE} cannot be read ({type(err).__name__}: {err})") from None
 
 
 def _resumed_config(cfg: TrainConfig, resumed: _Resumed) -> TrainConfig:
@@ -746,20 +865,93 @@ def _start_message(cfg: TrainConfig, n_params: int, corpus: Corpus, device: torc
 
 
 def _save_checkpoint(run: _Run, cfg: TrainConfig, corpus: Corpus, tokenizer: Any, device: torch.device, step: int) -> None:
-    """The model and everything needed to continue exactly: ``checkpoints/step-NNNNNN``."""
+    """The model and everything needed to continue exactly: ``checkpoints/step-NNNNNN``.
+
+    Written into a staging directory beside it, fsynced, marked complete
+    (:data:`CHECKPOINT_COMPLETE`, last) and only then renamed into place: a kill, a torn write
+    or a full disk leaves the previous checkpoints as they were."""
     checkpoint = checkpoint_dir(cfg.out_dir, step)
-    save_model(run.model, checkpoint, tokenizer)
-    trainer_state = {
-        "step": step,
-        "config": cfg.to_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "rng": _rng_state(device),
-        "history": run.history,
-        "evals": run.evals,
-        "data_fingerprint": corpus.fingerprint,
-    }
-    torch.save(trainer_state, checkpoint / TRAINER_STATE)
+    staging = new_staging(checkpoint.parent, f"{checkpoint.name}-")
+    try:
+        save_model(run.model, staging, tokenizer)
+        pause_point("checkpoint-model-saved", step)
+        trainer_state = {
+            "step": step,
+            "config": cfg.to_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": _rng_state(device),
+            "history": run.history,
+            "evals": run.evals,
+            "data_fingerprint": corpus.fingerprint,
+        }
+        _torch_save(trainer_state, staging / TRAINER_STATE)
+        fsync_tree(staging)
+        pause_point("checkpoint-before-marker", step)
+        sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file() and p.name != OWNER_MARK}
+        atomic_write_text(staging / CHECKPOINT_COMPLETE, json.dumps({"step": step, "files": sizes}, indent=1) + "\n")
+        if checkpoint.exists():  # the same step again (a resumed run that finished it): replace it
+            shutil.rmtree(checkpoint)
+        os.rename(staging, checkpoint)
+        (checkpoint / OWNER_MARK).unlink()
+        fsync_dir(checkpoint)
+        fsync_dir(checkpoint.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        end_staging(staging)
+    pause_point("checkpoint-committed", step)
+
+
+class _WriteErrors:
+    """A file that remembers the ``OSError`` of a failed write: ``torch.save`` reports a full
+    disk as an opaque ``RuntimeError`` ("unexpected pos ...")."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, a failed write raised as its ``OSError`` (naming the file)."""
+    with open(path, "wb") as handle:
+        recorder = _WriteErrors(handle)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise OSError(recorder.error.errno, recorder.error.strerror, str(path)) from None
+            raise
+
+
+def _write_final(model: nn.Module, out_dir: Path, tokenizer: Any, cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    """The final model, ``train_config.json`` and ``training_log.json`` in ``out_dir``: staged
+    inside it, fsynced, then each file renamed into place (never half-written)."""
+    staging = new_staging(out_dir, "final-")
+    try:
+        save_model(model, staging, tokenizer)
+        (staging / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (staging / TRAINING_LOG).write_text(json.dumps(summary, indent=1) + "\n")
+        fsync_tree(staging)
+        pause_point("final-staged")
+        for path in sorted(staging.iterdir()):
+            if path.name != OWNER_MARK:
+                os.replace(path, out_dir / path.name)
+        fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        end_staging(staging)
 
 
 def _optimizer_step(run: _Run, cfg: TrainConfig, tokens: Tensor, autocast: Callable[[], Any], step: int) -> float:
@@ -812,6 +1004,7 @@ def _run_steps(
                 postfix["eval"] = f"{run.evals[-1]['eval_loss']:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            pause_point("step", done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 run.model.eval()
                 _save_checkpoint(run, cfg, corpus, tokenizer, device, done)

@@ -65,13 +65,13 @@ def test_the_import_graph_has_no_cycle():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "eager cycles: none" in out.stdout
-    # Two deferred back-edges, each an import inside one function, so at import time nothing
-    # cycles: ``Intervention.to_hooks`` (a method of the value class) imports the compiler, and
-    # ``sweep_sources`` imports the sharded runner (which runs ``run_sweep``) only when sharding.
+    # One deferred back-edge, an import inside one function, so at import time nothing cycles:
+    # ``Intervention.to_hooks`` (a method of the value class) imports the compiler. (The sweep's
+    # core no longer imports the sharded executor: issue 19 step 4.)
     lazy = out.stdout.split("cycles counting lazy imports:")[1]
     assert lazy.strip() == "none" or set(re.findall(r"attnres_lens\.[\w.]+", lazy)) <= {
         "attnres_lens.interventions.compile", "attnres_lens.interventions.spec",
-        "attnres_lens.interventions.providers", "attnres_lens.attribution.sharded", "attnres_lens.patching"}, lazy
+        "attnres_lens.interventions.providers"}, lazy
     loading = next(line for line in out.stdout.splitlines() if line.startswith("loading "))
     assert "model" not in loading, loading
 

@@ -1,4 +1,5 @@
-"""The exact sweep over a dataset of several batches (``patching.run_sweep`` on each)."""
+"""The exact sweep over a dataset of several batches: :func:`~attnres_lens.sweep_plan.execute`
+of one plan, by the local or the sharded executor."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
-import pandas as pd
 import torch
 
 from .. import distributed
+from ..effects import Effects
 from ..metrics import Metric
-from ..patching import SweepResult, UndefinedInterventionWarning, run_sweep
-from .sharded import sharded_sweep
+from ..sweep_plan import Local, SweepResult, SweepSpec, UndefinedInterventionWarning, execute, plan
+from ..sweep_sharded import Sharded
 
 if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
@@ -35,60 +35,26 @@ def sweep_batches(
     checkpoint_dir: Optional[Union[str, Path]] = None,
     merge_duplicates: bool = True,
 ) -> SweepResult:
-    """:func:`attnres_lens.patching.run_sweep` on every batch; per-prompt arrays are
-    concatenated across batches and the means recomputed over all prompts. Rows whose
-    intervention is undefined come back NaN and listed in ``undefined`` (no warning: the
-    caller reports them).
+    """The sweep of every batch as one result: per-prompt values over all prompts in order.
+    Rows whose intervention is undefined come back NaN and listed in ``undefined`` (no warning:
+    the caller reports them).
 
     Under an initialised process group (``torchrun``) the (batch x unit) work is shared across
     the ranks and gathered; with ``checkpoint_dir`` every finished unit is recorded there and a
-    rerun recomputes only what is missing (:mod:`.sharded`)."""
-    if checkpoint_dir is not None or distributed.is_active():
-        sweep_kwargs = dict(mode=mode, groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                            bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                            merge_duplicates=merge_duplicates)
-        return join_batches(sharded_sweep(model, batches, metric=metric, sweep_kwargs=sweep_kwargs,
-                                          checkpoint_dir=checkpoint_dir, progress=progress))
-    results = []
-    offset = 0
-    for batch in batches:
-        n_prompts = int(batch.shape[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UndefinedInterventionWarning)
-            results.append(run_sweep(
-                model, batch, mode=mode, metric=metric.for_prompts(torch.arange(offset, offset + n_prompts)),
-                groups=groups, positions=positions, batch_size=batch_size, engine=engine,
-                bands=bands if isinstance(groups, str) and groups == "family_band" else None,
-                progress=progress, merge_duplicates=merge_duplicates,
-            ))
-        offset += n_prompts
-    return join_batches(results)
+    rerun recomputes only what is missing (:class:`~attnres_lens.sweep_sharded.Sharded`)."""
+    spec = SweepSpec(mode=mode, metric=metric, groups=groups, positions=positions, batch_size=batch_size,
+                     engine=engine, bands=bands if isinstance(groups, str) and groups == "family_band" else None,
+                     merge_duplicates=merge_duplicates, progress=progress)
+    sharded = checkpoint_dir is not None or distributed.is_active()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedInterventionWarning)
+        effects = execute(plan(model, spec), batches, Sharded(checkpoint_dir) if sharded else Local())
+    return SweepResult(effects)
 
 
 def join_batches(results: list[SweepResult]) -> SweepResult:
-    """The sweeps of several batches as one: per-prompt arrays concatenated, means over all prompts."""
-    table = _concatenated(results[0].table, [result.table for result in results])
-    return SweepResult(table, results[0].units, results[0].undefined)
-
-
-def _concatenated(first: pd.DataFrame, tables: list[pd.DataFrame]) -> pd.DataFrame:
-    out = first.copy().reset_index(drop=True)
-    out.attrs = dict(first.attrs)
-    if len(tables) > 1:
-        for column in ("mass_per_prompt", "effect_per_prompt"):
-            out[column] = [
-                np.concatenate([np.asarray(t[column].iloc[row]) for t in tables]) for row in range(len(out))
-            ]
-        out.attrs["metric_clean_per_prompt"] = np.concatenate(
-            [np.asarray(t.attrs.get("metric_clean_per_prompt", [])) for t in tables]
-        )
-    out["mass"] = [float(np.mean(v)) for v in out["mass_per_prompt"]]
-    out["effect"] = [float(np.mean(v)) for v in out["effect_per_prompt"]]
-    clean = np.asarray(out.attrs.get("metric_clean_per_prompt", []), dtype=float)
-    if clean.size:
-        out["metric_clean"] = float(clean.mean())
-        out["metric_ablated"] = out["metric_clean"] + out["effect"]
-    return out
+    """The sweeps of several batches as one (:meth:`~attnres_lens.effects.Effects.concat`)."""
+    return SweepResult(Effects.concat([result.effects for result in results]))
 
 
 __all__ = ["join_batches", "sweep_batches"]

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..effects import key_frame
 from ..metrics import Metric, non_finite_prompts
 from ..selection import SlicePair, resolve_positions, sweep_units
 from .data import as_batches, capture_weights_hooks, split_batch
@@ -282,9 +283,7 @@ def gradient_attribution(
     """
     batches = as_batches(model, tokens)
     units = sweep_units(model, "slice", merge_duplicates=merge_duplicates)
-    table = pd.DataFrame([unit.keys() for unit in units])
-    table["layer"] = table["layer"].astype("Int64")
-    table["n_copies"] = table["n_copies"].astype("Int64")
+    table = key_frame(units)  # the key columns' dtypes of every results table
     groups = [unit.slices for unit in units]
     estimates = gradient_rows(model, batches, metric, groups, positions, batch_size)
     table["mass"] = estimates["mass"].mean(1)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..effects import Effects
 from ..metrics import Metric
 from ..names import GROUPINGS
 from ..selection import (
@@ -74,7 +75,7 @@ class Thresholds:
 class Rows:
     """The defined sweep rows and what the statistics need of each."""
 
-    sweep: pd.DataFrame  # the sweep table, per-prompt arrays included
+    effects: Effects  # the defined rows' per-prompt mass and effect
     units: list[SweepUnit]
     bands: list[Optional[str]]  # each row's depth band (None: several, or the final router)
     eligible: np.ndarray  # False for structural rows (mass fixed by construction)
@@ -195,7 +196,7 @@ def mass_vs_effect(
             merge_duplicates=merge_duplicates, checkpoint_dir=checkpoint_dir,
         )
     rows, undefined_names = _defined_rows(result, resolved_bands, mode, duplicate_of(model.router_specs))
-    check_finite(rows.sweep)
+    check_finite(rows.effects)
     merged_effects = None
     if not merge_duplicates:
         exact_engine = "batched" if engine in SCREEN_ENGINES else engine
@@ -270,7 +271,7 @@ def _merged_pair_effects(
     result = sweep_batches(model, batches, mode=mode, metric=metric, groups=groups, positions=positions,
                            batch_size=batch_size, engine=engine, bands=None, progress=False)
     out = {}
-    for unit, effect in zip(result.units, result.table["effect"]):
+    for unit, effect in zip(result.units, result.effects.mean_effect()):
         for router, source in unit.slices:
             out[(router, source)] = float(effect)
     return out
@@ -323,19 +324,19 @@ def _defined_rows(
     of the others (masking every source of a router)."""
     undefined = set(result.undefined)
     keep = [i for i in range(len(result.units)) if i not in undefined]
-    undefined_names = [row_name(result.table.iloc[i]) for i in sorted(undefined)]
+    names = result.effects.table()
+    undefined_names = [row_name(names.iloc[i]) for i in sorted(undefined)]
     if not keep:
         raise ValueError(f"no row left to report: every row's {mode!r} intervention is undefined")
-    sweep = result.table.iloc[keep].reset_index(drop=True)
-    sweep.attrs = result.table.attrs
-    units = [result.units[i] for i in keep]
+    effects = result.effects.subset(keep)
+    units = list(effects.units)
     structural = [structural_reason(unit, duplicates) for unit in units]
     eligible = np.array([not why for why in structural], dtype=bool)
     sublayers = np.array([unit.sublayer for unit in units], dtype=object)
     kind_rows = {kind: np.flatnonzero(eligible & (sublayers == kind)) for kind in ("attn", "mlp")}
     kind_rows = {kind: members for kind, members in kind_rows.items() if len(members)}
     row_bands = [_row_band(unit, bands) for unit in units]
-    return Rows(sweep, units, row_bands, eligible, kind_rows, structural), undefined_names
+    return Rows(effects, units, row_bands, eligible, kind_rows, structural), undefined_names
 
 
 #: Why a structural row's mass is fixed by construction (``table["structural_reason"]``).
@@ -377,25 +378,25 @@ def _row_band(unit: SweepUnit, bands: Mapping[str, tuple[int, ...]]) -> Optional
     return found.pop() if len(found) == 1 else None
 
 
-def check_finite(sweep: pd.DataFrame) -> None:
+def check_finite(effects: Effects) -> None:
     """Refuse a metric that is not finite on the clean run or after some ablation (named)."""
-    clean = np.asarray(sweep.attrs.get("metric_clean_per_prompt", sweep["metric_clean"]), dtype=float)
-    if not np.all(np.isfinite(clean)):
-        prompts = np.flatnonzero(~np.isfinite(clean)).tolist()
+    if not np.all(np.isfinite(effects.clean)):
+        prompts = np.flatnonzero(~np.isfinite(effects.clean)).tolist()
         raise ValueError(
             f"the metric is not finite on the clean run (prompt(s) {prompts[:10]}); a metric must "
             "return finite values"
         )
-    for _, row in sweep.iterrows():
-        values = np.asarray(row["effect_per_prompt"], dtype=float)
+    table = effects.table()
+    for row, values in enumerate(effects.effect):
         bad = ~np.isfinite(values)
         if bad.any():
             prompts = np.flatnonzero(bad).tolist()
+            unit = effects.units[row]
             raise ValueError(
-                f"the metric is not finite after ablating {row_name(row)} (router="
-                f"{row.get('router')!r}, source={row.get('source')!r}, family={row.get('family')!r}, "
-                f"label={row.get('label')!r}) on prompt(s) {prompts[:10]} (value "
-                f"{values[bad][0]}); a metric must return finite values for every slice"
+                f"the metric is not finite after ablating {row_name(table.iloc[row])} (router="
+                f"{unit.router!r}, source={unit.source!r}, family={unit.family!r}, label={unit.label!r}) "
+                f"on prompt(s) {prompts[:10]} (value {values[bad][0]}); a metric must return finite "
+                "values for every slice"
             )
 
 
@@ -425,8 +426,8 @@ def _bootstrap_rows(rows: Rows, gradient_per_prompt: Optional[np.ndarray], **set
     """Bootstrap intervals of every row's ``mass``, ``effect`` (and ``gradient``), and of the
     ``spearman``/``kendall`` correlations and ``same_{kind}`` largest-row agreements."""
     per_prompt = {
-        "mass": np.vstack([np.asarray(v, dtype=float) for v in rows.sweep["mass_per_prompt"]]),
-        "effect": np.vstack([np.asarray(v, dtype=float) for v in rows.sweep["effect_per_prompt"]]),
+        "mass": rows.effects.mass,
+        "effect": rows.effects.effect,
     }
     if gradient_per_prompt is not None:
         per_prompt["gradient"] = gradient_per_prompt
@@ -471,7 +472,7 @@ def _report(
         "mass_threshold": thresholds.mass,
         "low_mass_threshold": thresholds.low_mass,
         "effect_threshold": thresholds.effect,
-        "metric_clean": float(np.mean(np.asarray(rows.sweep["metric_clean"], dtype=float))),
+        "metric_clean": float(rows.effects.clean.mean()),
         "gradient_estimate": estimate_kind if "gradient" in intervals else None,
     }
     return MassEffectReport(
@@ -481,7 +482,8 @@ def _report(
         rank_correlation=_rank_correlation(table, rows.eligible, intervals),
         gradient_agreement=agreement,
         routing=routing,
-        sweep=rows.sweep,
+        sweep=rows.effects.sweep_table(),
+        effects=rows.effects,
         settings=settings,
         timings={},
         source_table=model.source_table(),
@@ -491,9 +493,8 @@ def _report(
 def _results_table(
     rows: Rows, intervals: dict[str, Interval], routing: RoutingStatistics, named_groups: bool
 ) -> pd.DataFrame:
-    sweep = rows.sweep
-    table = sweep.drop(columns=[c for c in ("mass_per_prompt", "effect_per_prompt") if c in sweep]).copy()
-    table.attrs = {}  # the sweep's attrs hold arrays, which pandas cannot compare when combining
+    sweep = rows.effects.table()
+    table = sweep[[c for c in sweep if c not in ("unit", "band", "undefined", "estimate", "exact")]].copy()
     table.insert(table.columns.get_loc("sublayer") + 1, "band", rows.bands)
     names = list(sweep["label"]) if named_groups else [row_name(r) for _, r in sweep.iterrows()]
     table.insert(0, "name", [str(n) for n in names])

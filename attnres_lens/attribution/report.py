@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 
+from ..effects import Effects
 from ..serialize import jsonable
 from . import plots
 from .routing_stats import RoutingStatistics
@@ -86,6 +87,9 @@ class MassEffectReport:
       where they part (sign flips on a significant effect, or an error above half the effect).
     - ``routing``: :class:`RoutingStatistics` on the same tokens; ``sweep``: the raw sweep table
       (per-prompt arrays included); ``settings`` and ``timings``.
+    - ``effects``: the :class:`~attnres_lens.effects.Effects` of the table's rows (per-prompt
+      mass and effect, ``effects.table()``, ``effects.per_prompt()``); ``grouping``: their
+      grouping kind, which the plots read.
     """
 
     table: pd.DataFrame
@@ -98,6 +102,13 @@ class MassEffectReport:
     settings: dict
     timings: dict
     source_table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    #: the defined rows' per-prompt mass and effect, row for row with ``table``
+    effects: Optional[Effects] = field(repr=False, default=None)
+
+    @property
+    def grouping(self) -> Optional[str]:
+        """The grouping kind of the rows (``"slice"``, ``"family"``, ``"family_band"``, ``"named"``)."""
+        return None if self.effects is None else self.effects.grouping
 
     # ------------------------------------------------------------------ text
     def summary(self) -> str:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..interventions import Intervention
 from ..metrics import Metric
-from ..patching import SWEEP_COLUMNS, SweepResult
+from ..effects import Effects, grouping_kind
+from ..patching import SweepResult
 from ..selection import SweepUnit
 from ..sweep_engine import Rerun, clean_pass, default_budget, first_position, run_batched
 from .estimate import ChunkRun, estimate_keeping_clean_runs
@@ -55,13 +56,20 @@ def screened_sweep(
     defined = np.flatnonzero(np.isfinite(estimate))
     undefined = tuple(int(i) for i in np.flatnonzero(~np.isfinite(estimate)))
     measured, top, controls = _choose_rows(estimate, defined, engine, k, control, seed, top_k)
-    effect = np.vstack([np.asarray(v, dtype=float) for v in estimates["estimate_per_prompt"]])
+    estimate_per_prompt = np.vstack([np.asarray(v, dtype=float) for v in estimates["estimate_per_prompt"]])
+    effect = estimate_per_prompt.copy()
     clean = np.asarray(estimates.attrs["metric_clean_per_prompt"], dtype=float)
     if measured:
         clean = exact_rows(model, chunks, units, measured, mode, metric, positions, effect)
-    table = _table(estimates, effect, clean, set(measured), mode, engine)
-    info = _screen_info(table, top, controls, defined, engine)
-    return SweepResult(table, units, undefined), info
+    effects = Effects(
+        units=tuple(units), grouping=grouping_kind(groups),
+        mass=np.vstack([np.asarray(v, dtype=float) for v in estimates["mass_per_prompt"]]),
+        effect=effect, clean=clean, undefined=undefined, estimate=estimate_per_prompt,
+        exact=np.array([i in set(measured) for i in range(len(units))], dtype=bool),
+        settings=dict(mode=mode, target=None, metric=metric.name, engine=engine),
+    )
+    info = _screen_info(effects.table(), top, controls, defined, engine)
+    return SweepResult(effects), info
 
 
 def exact_rows(
@@ -123,20 +131,6 @@ def _choose_rows(
     return sorted(top + controls), top, controls
 
 
-def _table(estimates: pd.DataFrame, effect: np.ndarray, clean: np.ndarray, measured: set, mode: str, engine: str) -> pd.DataFrame:
-    table = estimates.drop(columns=["estimate_per_prompt"]).copy()
-    table["effect_per_prompt"] = list(effect)
-    table["effect"] = [float(np.mean(v)) for v in effect]
-    table["metric_clean"] = float(clean.mean())
-    table["metric_ablated"] = table["metric_clean"] + table["effect"]
-    extra = table[["estimate"]].copy()
-    out = table[list(SWEEP_COLUMNS)].copy()
-    out["estimate"] = extra["estimate"]
-    out["exact"] = [i in measured for i in range(len(out))]
-    out.attrs.update(metric_clean_per_prompt=clean, mode=mode, engine=engine)
-    return out
-
-
 def _screen_info(table: pd.DataFrame, top: list[int], controls: list[int], defined: np.ndarray, engine: str) -> dict:
     """The screen's account: what was measured, the misses in the control subset and the bound."""
     info: dict = {"engine": engine, "n_rows": int(len(defined)), "n_exact": int(len(top) + len(controls)),
@@ -170,12 +164,14 @@ def _miss_rate_upper(m: int, c: int) -> float:
 
 
 def add_screen_columns(report: Any, result: SweepResult) -> None:
-    """Copy the screen's ``estimate`` and ``exact`` columns into the report's table."""
-    keys = {row_name(r): (r["estimate"], r["exact"]) for _, r in result.table.iterrows()}
-    table = report.table
-    names = [row_name(r) for _, r in table.iterrows()] if "router" in table else list(table["name"])
-    table["estimate"] = [keys.get(n, (np.nan, False))[0] for n in names]
-    table["exact"] = [bool(keys.get(n, (np.nan, False))[1]) for n in names]
+    """Copy the screen's ``estimate`` and ``exact`` columns into the report's table, row by
+    row matched on the unit key."""
+    screened = result.effects
+    estimate, exact = screened.estimate.mean(axis=1), screened.exact
+    row_of = {key: row for row, key in enumerate(screened.keys)}
+    rows = [row_of[key] for key in report.effects.keys]
+    report.table["estimate"] = estimate[rows]
+    report.table["exact"] = np.asarray(exact, dtype=bool)[rows]
 
 
 __all__ = ["SCREEN_ENGINES", "add_screen_columns", "exact_rows", "screened_sweep"]
