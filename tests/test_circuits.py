@@ -213,7 +213,7 @@ def test_faithfulness_of_full_and_empty(model):
 
 
 # ============================================================================ discovery
-@pytest.mark.parametrize("method", ["exact_greedy", "eap", "eap_ig"])
+@pytest.mark.parametrize("method", ["exact_greedy", "eap_ig"])
 def test_discover_evaluates_every_circuit_exactly(model, method):
     clean, corrupt = prompts(12)
     with warnings.catch_warnings():
@@ -270,13 +270,14 @@ def test_planted_route_is_recovered_by_every_method(flavour):
     assert np.abs(exact.effect[[exact.keys.index(k) for k in route]]).mean() > 1e-2
     assert np.abs(exact.effect[[exact.keys.index(k) for k in inert]]).max() < 1e-6
     for method in ("exact", "eap", "eap_ig"):
-        scores = exact if method == "exact" else score_edges(model, clean, corrupt, metric=metric, method=method)
+        scores = exact if method == "exact" else score_edges(model, clean, corrupt, metric=metric, method=method,
+                                                             steps=4)
         assert set(scores.top(len(route))) == route, method
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for method in ("exact_greedy", "eap", "eap_ig"):
             curve = discover(model, clean, metric, method, corrupt=corrupt, sizes=[len(route)], n_boot=40,
-                             per_round=4, steps=4)
+                             per_round=8, steps=4)
             assert set(curve.circuit(len(route)).edges) == route, method
             assert curve.at(len(route)) == pytest.approx(1.0, abs=1e-4), method
 
