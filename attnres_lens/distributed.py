@@ -17,12 +17,17 @@ See ``docs/scale.md`` for ``torchrun``, SLURM and multi-node invocations.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+#: The process group's collective timeout in seconds (default 600): a stalled rank ends the run.
+TIMEOUT_ENV = "ATTNRES_LENS_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -65,6 +70,21 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other ranks: ``ATTNRES_LENS_DIST_TIMEOUT`` seconds
+    (default 600, not torch's 30 minutes)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def init_from_env() -> bool:
     """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE > 1``
     in the environment): NCCL when CUDA is present (each rank on ``cuda:{LOCAL_RANK}``), gloo
@@ -78,9 +98,9 @@ def init_from_env() -> bool:
         raise RuntimeError(f"WORLD_SIZE={world_size} but this torch build has no torch.distributed")
     if torch.cuda.is_available():
         torch.cuda.set_device(rank_device())
-        dist.init_process_group("nccl", device_id=rank_device())
+        dist.init_process_group("nccl", device_id=rank_device(), timeout=collective_timeout())
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=collective_timeout())
     return is_active()
 
 

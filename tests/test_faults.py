@@ -448,3 +448,19 @@ def test_inspect_says_when_routing_is_uniform(tmp_path, capsys):
     assert "routing     routing is uniform: untrained or wrapped" in capsys.readouterr().out
     assert main(["inspect", "--json", str(tmp_path / "zeroed")]) == 0
     assert json.loads(capsys.readouterr().out)["routing_note"].startswith("routing is uniform: untrained or wrapped")
+
+
+# ============================================================================ bounded waits
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from attnres_lens.distributed import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() == timedelta(minutes=10)
+    monkeypatch.setenv(TIMEOUT_ENV, "5")
+    assert collective_timeout() == timedelta(seconds=5)
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"ATTNRES_LENS_DIST_TIMEOUT must be a number of seconds > 0, got '{bad}'"):
+            collective_timeout()
