@@ -83,7 +83,7 @@ class Qwen3AttnResConfig(Qwen3Config):
         return config_from_hf(
             self.to_dict(),
             flavour=self.flavour(),
-            routing_mode=self.attnres_mode,
+            routing_mode=library.get("routing_mode", self.attnres_mode),
             n_blocks=self.attnres_num_blocks,
             router_bias=library.get("router_bias"),
         )

@@ -122,10 +122,15 @@ def foreign_model_refusal(hf: dict[str, Any]) -> Optional[Refusal]:
     return None
 
 
+#: The key that tells open-attention-residuals' block mode (kimi-style blocks with recency
+#: biases) from the others: its final router's bias (OPEN 816-820).
+OPEN_FINAL_BIAS = "model.final_res_bias"
+
 #: (flavour, routing mode) -> the public layout a loaded model is in, as ``inspect`` names it.
 LOADED_LAYOUTS: dict[tuple[str, str], str] = {
     ("kimi", "block"): "kimi block: delta-attention-residuals attnres_mode 'block' (Kimi-faithful blocks, final router)",
     ("kimi", "full"): "kimi full: delta-attention-residuals attnres_mode 'full' (every sublayer output a source, final router)",
+    ("kimi", "open_block"): "kimi block with recency biases: open-attention-residuals Attention-Residuals/modeling_qwen3_attnres.py attnres_mode 'block' (block 0 includes the embedding, biased final router)",
     ("cumulative", "full"): "cumulative full: open-attention-residuals attnres_mode 'full' (a stream snapshot per sublayer, recency biases)",
     ("cumulative", "block"): "cumulative block: open-attention-residuals modeling_attnres.py attnres_mode 'block' (stream snapshots at block ends, recency biases)",
 }

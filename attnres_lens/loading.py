@@ -516,10 +516,12 @@ def detect_format(
     detected = flavour_of_keys(keys)
     if flavour is not None and flavour != detected:
         raise ValueError(f"flavour={flavour!r} was asked for, but the checkpoint's keys say {detected!r}")
+    if layouts.OPEN_FINAL_BIAS in keys and mode == "block":
+        mode = "open_block"  # open-attention-residuals' block mode (attnres_lens.scheme.KimiOpenBlock)
 
     library = hf.get(LIBRARY_KEY) or {}
     saved_schedule = RoutingSchedule.from_dict(library.get("schedule"))
-    name = LIBRARY_KEY if library else f"qwen3_attnres/{detected}"
+    name = LIBRARY_KEY if library else f"qwen3_attnres/{detected}" + ("-open" if mode == "open_block" else "")
     return CheckpointFormat(name, detected, mode, blocks, True, saved_schedule)
 
 
@@ -529,13 +531,15 @@ def flavour_of_keys(keys: set[str]) -> str:
     has_bias = any(k.endswith(("attn_res_bias", "mlp_res_bias")) for k in keys)
     has_final = "model.final_res_proj.weight" in keys or "model.final_res_norm.weight" in keys
     has_router = any("_res_proj.weight" in k for k in keys)
+    if has_bias and has_final and layouts.OPEN_FINAL_BIAS in keys:
+        return "kimi"  # open-attention-residuals' block mode: kimi-style sources with biases
     if has_bias and has_final:
         raise CheckpointError(
             "ambiguous qwen3_attnres checkpoint: it has recency-bias keys (*_res_bias, the "
             "cumulative flavour) and a final router (model.final_res_*, the kimi flavour). That is "
             "open-attention-residuals' block mode (kimi-style blocks whose first block includes the "
-            "embedding, a recency bias on every router's last source and a biased final router), "
-            "which is not supported yet"
+            "embedding, a recency bias on every router's last source and a biased final router) "
+            "only with its model.final_res_bias key, which this checkpoint lacks"
         )
     if has_bias:
         return "cumulative"
@@ -913,10 +917,13 @@ def _find_tokenizer(directory: Optional[Path], cfg: AttnResConfig, hf: dict[str,
 def hf_config_dict(model: "HookedAttnResTransformer") -> dict[str, Any]:
     """The ``config.json`` of ``model`` in the ``qwen3_attnres`` layout of its flavour."""
     cfg = model.cfg
-    if cfg.flavour == "kimi" and cfg.router_bias:
-        raise ValueError("a kimi-flavour model with router biases has no qwen3_attnres layout (kimi has no *_res_bias)")
-    if cfg.flavour == "cumulative" and not cfg.router_bias:
-        raise ValueError("a cumulative-flavour model without router biases has no qwen3_attnres layout")
+    scheme = cfg.scheme
+    if cfg.router_bias != scheme.default_router_bias:
+        raise ValueError(
+            f"a {cfg.flavour}-flavour model {'with' if cfg.router_bias else 'without'} router biases has no "
+            f"qwen3_attnres layout in routing mode {cfg.routing_mode!r} (its layout's routers "
+            f"{'have' if scheme.default_router_bias else 'have no'} *_res_bias)"
+        )
     out: dict[str, Any] = {
         "architectures": ["Qwen3AttnResForCausalLM"],
         "model_type": "qwen3_attnres",
@@ -938,10 +945,10 @@ def hf_config_dict(model: "HookedAttnResTransformer") -> dict[str, Any]:
         "initializer_range": cfg.initializer_range,
         "torch_dtype": str(cfg.dtype).removeprefix("torch."),
         "attnres_num_blocks": cfg.n_blocks,
-        "attnres_mode": cfg.routing_mode,
+        "attnres_mode": scheme.checkpoint_mode or cfg.routing_mode,
         "attnres_gate_type": "bias",
     }
-    if cfg.flavour == "cumulative":
+    if cfg.router_bias:
         out["attnres_recency_bias_init"] = cfg.recency_bias_init
     from . import __version__
 

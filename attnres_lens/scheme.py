@@ -82,6 +82,8 @@ class RoutingScheme:
     initial_current_label: ClassVar[str] = "emb"
     #: the final router's checkpoint keys (``qwen3_attnres`` name -> our parameter name)
     checkpoint_final_keys: ClassVar[dict[str, str]] = {}
+    #: the ``attnres_mode`` this layout's checkpoints say (``None``: its ``routing_mode``)
+    checkpoint_mode: ClassVar[Optional[str]] = None
     #: the router module every routed read gets
     router_class: ClassVar[type] = DepthRouter
 
@@ -202,6 +204,33 @@ class KimiFull(_Kimi):
         return True
 
 
+class KimiOpenBlock(_Kimi):
+    """open-attention-residuals' block mode (wdlctc/open-attention-residuals@83d2b8d,
+    ``Attention-Residuals/modeling_qwen3_attnres.py``): kimi-style blocks, but the embedding is
+    both the first completed source and the start of block 0's partial sum (``blocks=[emb]``,
+    ``partial=emb``, 881-882), so block 0's summary includes the embedding; a block closes
+    before the attention of every ``layers_per_block``-th layer after the first (414-416,
+    684-691); every router, the final one too, adds a recency bias to its last source (171,
+    816-820). Its checkpoints say ``attnres_mode: "block"``; the ``model.final_res_bias`` key
+    tells them apart."""
+
+    routing_mode = "open_block"
+    checkpoint_mode = "block"
+    default_router_bias = True
+    snapshots_embedding = True
+    initial_current_label = "partial"
+    checkpoint_final_keys = {**_Kimi.checkpoint_final_keys, "model.final_res_bias": "final_router.bias"}
+
+    def closes_before(self, k: int) -> bool:
+        return 0 < k < self.n_sublayers and k % 2 == 0 and (k // 2) % self.layers_per_block == 0
+
+    def closed_label(self, label: str, n_closed: int) -> str:
+        return f"block {n_closed}"
+
+    def fresh_label(self, k: int) -> str:
+        return "partial"
+
+
 class _Cumulative(RoutingScheme):
     """Cumulative: an additive stream ``x`` read through routers, with stream snapshots."""
 
@@ -242,7 +271,7 @@ class CumulativeFull(_Cumulative):
 
 #: Every layout, by ``(flavour, routing_mode)``.
 SCHEMES: dict[tuple[str, str], type[RoutingScheme]] = {
-    (cls.flavour, cls.routing_mode): cls for cls in (KimiBlock, KimiFull, CumulativeBlock, CumulativeFull)
+    (cls.flavour, cls.routing_mode): cls for cls in (KimiBlock, KimiFull, KimiOpenBlock, CumulativeBlock, CumulativeFull)
 }
 FLAVOURS: tuple[str, ...] = tuple(dict.fromkeys(flavour for flavour, _ in SCHEMES))
 ROUTING_MODES: tuple[str, ...] = tuple(dict.fromkeys(mode for _, mode in SCHEMES))

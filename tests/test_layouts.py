@@ -19,7 +19,7 @@ from layout_refs import LAYOUTS, nano, reference, write_layout, write_nano
 
 TOL = 1e-5
 TOKENS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(7))
-LOADING = ["delta-full"]
+LOADING = ["delta-full", "open-block"]
 
 
 @pytest.fixture(scope="module", params=LOADING)
@@ -90,17 +90,32 @@ def test_inspect_names_the_layout_and_its_routers(written, capsys):
     layout, directory, _, ref_weights = written
     assert main(["inspect", str(directory)]) == 0
     out = capsys.readouterr().out
-    assert "layout      kimi full: delta-attention-residuals attnres_mode 'full'" in out
+    says = {"delta-full": "kimi full: delta-attention-residuals attnres_mode 'full'",
+            "open-block": "kimi block with recency biases: open-attention-residuals"}[layout]
+    assert f"layout      {says}" in out
     assert "final_router" in out and f"routers ({len(ref_weights)})" in out
 
 
 # ---------------------------------------------------------------------------- refused by name
-def test_kimi_full_is_the_libraries_own_kimi_full_mode(written):
-    model = HookedAttnResTransformer.from_pretrained(written[1])
+def test_kimi_full_is_the_libraries_own_kimi_full_mode(tmp_path):
+    write_layout(tmp_path, "delta-full")
+    model = HookedAttnResTransformer.from_pretrained(tmp_path)
     assert (model.cfg.flavour, model.cfg.routing_mode) == ("kimi", "full")
     assert [s.label for s in model.router_specs[-1].sources] == ["emb"] + [
         f"{sub} {l}" for l in range(model.cfg.n_layers) for sub in ("attn", "mlp")
     ]
+
+
+def test_open_block_sources_hold_the_embedding_twice_and_in_block_0(tmp_path):
+    write_layout(tmp_path, "open-block", n_layers=4)  # 2 blocks of 2 layers
+    model = HookedAttnResTransformer.from_pretrained(tmp_path)
+    assert (model.cfg.flavour, model.cfg.routing_mode, model.checkpoint_format) == ("kimi", "open_block", "qwen3_attnres/kimi-open")
+    specs = {spec.name: spec for spec in model.router_specs}
+    assert [s.label for s in specs["blocks.0.attn_router"].sources] == ["emb", "partial"]
+    assert specs["blocks.0.attn_router"].sources[1].members == frozenset({-1})  # a copy of the embedding
+    assert [s.label for s in specs["final_router"].sources] == ["emb", "block 0", "partial"]
+    assert specs["final_router"].sources[1].members == frozenset({-1, 0, 1, 2, 3})  # emb + layers 0-1
+    assert all(router.bias is not None for _, router in model.routers())  # the final router's too
 
 
 @pytest.mark.parametrize(
@@ -122,9 +137,9 @@ def test_delta_modes_are_refused_with_what_they_compute(tmp_path, mode, says):
         HookedAttnResTransformer.from_pretrained(tmp_path)
 
 
-def test_delta_centered_reset_runs_the_full_branch_and_loads_as_full(tmp_path, written):
-    layout, directory, ref_logits, _ = written
-    write_layout(tmp_path, "delta-full")
+def test_delta_centered_reset_runs_the_full_branch_and_loads_as_full(tmp_path):
+    base, routers, config = write_layout(tmp_path, "delta-full")
+    ref_logits, _ = reference("delta-full", base, routers, config, TOKENS)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "attnres_mode": "delta_centered_reset"}))
     model = HookedAttnResTransformer.from_pretrained(tmp_path)
@@ -164,7 +179,6 @@ def test_the_babylm_nanogpt_layout_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - set(LOADING)))
 def test_layouts_not_loaded_yet_are_refused_by_name(tmp_path, layout):
     write_layout(tmp_path, layout)
-    says = {"mhar-full_mh": "attnres_mode 'full_mh' is not supported; .*per-head routing",
-            "open-block": "open-attention-residuals' block mode"}[layout]
+    says = {"mhar-full_mh": "attnres_mode 'full_mh' is not supported; .*per-head routing"}[layout]
     with pytest.raises(CheckpointError, match=says):
         HookedAttnResTransformer.from_pretrained(tmp_path)
