@@ -434,7 +434,7 @@ def test_bad_tokens_are_refused():
         (dict(n_blocks=5), r"n_blocks must be an int in \[1, n_layers=4\], got 5"),
         (dict(n_heads=6, n_key_value_heads=4), r"n_heads=6 must be divisible by n_key_value_heads=4.*valid n_key_value_heads: \[1, 2, 3, 6\]"),
         (dict(d_head=12), r"d_model=32 is not a multiple of d_head=12"),
-        (dict(routing_mode="delta_block"), r"routing_mode must be one of \('block', 'full'\)"),
+        (dict(routing_mode="delta_block"), r"routing_mode must be one of \('block', 'full'.*\), got 'delta_block'"),
         (dict(n_blocks=2, layers_per_block=3), "layers_per_block=3 contradicts n_blocks=2"),
         (dict(act_fn="gelu"), "act_fn must be 'silu'"),
     ],

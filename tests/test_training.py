@@ -208,7 +208,7 @@ def test_cli_train_via_subprocess(corpus_dir, tmp_path):
         (["train", "--steps", "0"], 2, "positive integer"),
         (["train", "--arch", "gpt2"], 2, "invalid choice"),
         (["train", "--data", "/nonexistent/corpus", "--steps", "1"], 1, "does not exist"),
-        (["train", "--resume", "/nonexistent/run"], 1, "not a training checkpoint"),
+        (["train", "--resume", "/nonexistent/run"], 1, "does not exist"),
         (["train", "--n-blocks", "2", "--arch", "qwen3"], 1, "AttnRes archs only"),
     ],
 )
@@ -216,6 +216,15 @@ def test_cli_train_bad_arguments(argv, code, needle, capsys):
     assert main(argv) == code
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_cli_train_resume_from_a_directory_that_is_no_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "not a training checkpoint" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside it
 
 
 def test_cli_help_for_train(capsys):
