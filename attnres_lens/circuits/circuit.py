@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..interventions import to_hooks
+from ..outputs import atomic_write_text
 from .ablation import Ablation
 from .graph import DepthGraph, Edge, load_json
 
@@ -63,8 +64,7 @@ class Circuit:
     def to_json(self, path: Any = None) -> str:
         text = json.dumps({"format": CIRCUIT_FORMAT, "label": self.label, "edges": sorted(self.edges)}, indent=1)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod

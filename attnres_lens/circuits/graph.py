@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..cache import EMBEDDING, source_members
 from ..names import SUBLAYERS
+from ..outputs import atomic_write_text
 from ..selection import sweep_units
 
 if TYPE_CHECKING:  # annotations only
@@ -243,8 +244,7 @@ class DepthGraph:
         """The graph as JSON text (also written to ``path`` when given)."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
