@@ -682,7 +682,11 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
             checkpoint_dir=checkpoints,
             **_protocol_kwargs(args),
         )
-    except KeyboardInterrupt:  # the one failure a rerun resumes: the finished units stay
+    except distributed.RankStalledError as err:  # resumable too: the finished units stay
+        raise CLIError(str(err.with_resume(
+            f"the finished units are kept in {checkpoints}: rerun the same command to resume from them"
+            if checkpoints.is_dir() else "nothing was finished yet: rerun the same command"))) from err
+    except KeyboardInterrupt:  # a failure a rerun resumes: the finished units stay
         if distributed.is_writer() and checkpoints.is_dir():
             print(
                 f"{PROG} probe: the finished units are kept in {checkpoints}: rerun the same command "

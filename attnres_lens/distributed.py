@@ -17,6 +17,7 @@ See ``docs/scale.md`` for ``torchrun``, SLURM and multi-node invocations.
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,23 @@ DEFAULT_TIMEOUT_S = 600.0
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+class RankStalledError(RuntimeError):
+    """A rank did not reach a collective within :func:`collective_timeout` (stalled or dead).
+
+    ``ranks`` holds the ranks that did not answer (as far as this rank can tell), ``what`` the
+    step that waited for them; callers that know how the run resumes add it with
+    :meth:`with_resume`."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...], what: str, resume: str = ""):
+        super().__init__(f"{message}; {resume}" if resume else message)
+        self.stall, self.ranks, self.what = message, ranks, what
+
+    def with_resume(self, how: str) -> "RankStalledError":
+        """The same error, its message ending with ``how`` the run resumes (replacing any
+        earlier word on it: the outermost caller knows best)."""
+        return RankStalledError(self.stall, self.ranks, self.what, how)
 
 
 @dataclass(frozen=True)
@@ -104,17 +122,49 @@ def init_from_env() -> bool:
     return is_active()
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op outside a process group)."""
-    if is_active():
+def _stalled(err: RuntimeError, what: str) -> RankStalledError:
+    """The error naming the rank(s) gloo's monitored barrier reported as not answering: rank 0
+    names them; any other rank knows only that rank 0 (which coordinates it) did not answer."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
+    stalled = tuple(int(r) for r in found.group(1).replace(" ", "").split(",") if r) if found else (0,)
+    names = ", ".join(str(r) for r in stalled)
+    seconds = collective_timeout().total_seconds()
+    return RankStalledError(
+        f"rank {names} of {dist.get_world_size()} did not reach the {what} within {seconds:g}s "
+        f"({TIMEOUT_ENV}): it is stalled or dead, so rank {dist.get_rank()} stops here", stalled, what)
+
+
+def _check_every_rank_answers(what: str) -> None:
+    """Under gloo, a monitored barrier before each collective: a rank that does not arrive
+    within the timeout is named (a plain gloo collective only says it timed out, and after
+    that the group is closed, so it must come first). NCCL has no monitored barrier; its own
+    watchdog ends a stalled collective after the same timeout."""
+    if dist.get_backend() != "gloo":
+        return
+    try:
+        dist.monitored_barrier(timeout=collective_timeout(), wait_all_ranks=True)
+    except RuntimeError as err:
+        raise _stalled(err, what) from err
+
+
+def barrier(what: str = "barrier") -> None:
+    """Wait for every rank (a no-op outside a process group); a rank that does not arrive
+    within :func:`collective_timeout` raises :class:`RankStalledError` naming it."""
+    if not is_active():
+        return
+    if dist.get_backend() == "gloo":
+        _check_every_rank_answers(what)  # a monitored barrier is a barrier
+    else:
         dist.barrier()
 
 
-def gather_lists(local: list[Any]) -> list[list[Any]]:
+def gather_lists(local: list[Any], what: str = "gathering of results") -> list[list[Any]]:
     """Every rank's ``local`` list, indexed by rank, on every rank (picklable objects; tensors
-    should be on the CPU)."""
+    should be on the CPU). A rank that does not arrive within :func:`collective_timeout` raises
+    :class:`RankStalledError` naming it."""
     if not is_active():
         return [local]
+    _check_every_rank_answers(what)
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, local)
     return out
@@ -149,9 +199,12 @@ def ordered_map(fn: Callable[[Item], Result], items: Sequence[Item]) -> Iterator
 
 
 __all__ = [
+    "RankStalledError",
     "Ranks",
+    "TIMEOUT_ENV",
     "barrier",
     "check_same_everywhere",
+    "collective_timeout",
     "gather_lists",
     "init_from_env",
     "is_active",

@@ -185,7 +185,7 @@ class RecordStore:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._written += 1
-        _pause_for_tests(self._written)
+        _pause_for_tests(self._written, self.tag)
 
     def close(self) -> None:
         if self._file is not None:
@@ -205,12 +205,13 @@ def _parse(line: bytes) -> Optional[dict]:
     return record
 
 
-def _pause_for_tests(written: int) -> None:
+def _pause_for_tests(written: int, tag: str) -> None:
     """With ``ATTNRES_LENS_PAUSE_AFTER_RECORDS=N`` set, stop after ``N`` records and wait to be
-    killed: a deterministic kill point for the resumption tests."""
-    limit = os.environ.get(PAUSE_ENV)
-    if limit and written >= int(limit):
-        print(f"paused after {written} records", flush=True)
+    killed (``N@r1``: only the store tagged ``r1``, rank 1's): a deterministic kill or stall
+    point for the resumption and fault tests."""
+    limit, _, only = os.environ.get(PAUSE_ENV, "").partition("@")
+    if limit and written >= int(limit) and only in ("", tag):
+        print(f"paused after {written} records" + (f" ({tag}, pid {os.getpid()})" if only else ""), flush=True)
         while True:
             time.sleep(60)
 

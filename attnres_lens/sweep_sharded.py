@@ -94,7 +94,25 @@ class Sharded:
 
 
 def sharded_batches(plan: SweepPlan, batches: list[torch.Tensor], checkpoint_dir: Optional[Union[str, Path]]) -> list[Effects]:
-    """One :class:`~attnres_lens.effects.Effects` per batch (see :class:`Sharded`)."""
+    """One :class:`~attnres_lens.effects.Effects` per batch (see :class:`Sharded`). A rank that
+    stalls raises :class:`~attnres_lens.distributed.RankStalledError` naming it and saying how
+    the run resumes."""
+    try:
+        return _sharded_batches(plan, batches, checkpoint_dir)
+    except distributed.RankStalledError as err:
+        raise err.with_resume(resume_hint(checkpoint_dir)) from err
+
+
+def resume_hint(checkpoint_dir: Optional[Union[str, Path]]) -> str:
+    """How a sweep stopped midway resumes."""
+    if checkpoint_dir is None:
+        return ("nothing was recorded (no checkpoint_dir), so a rerun starts over; pass checkpoint_dir= to make "
+                "the run resumable")
+    return (f"the units finished so far are recorded in {str(checkpoint_dir)!r}: rerun the same command with "
+            "the same checkpoint_dir to resume from them")
+
+
+def _sharded_batches(plan: SweepPlan, batches: list[torch.Tensor], checkpoint_dir: Optional[Union[str, Path]]) -> list[Effects]:
     spec, units = plan.spec, list(plan.units)
     if spec.reference is not None:
         raise NotImplementedError(

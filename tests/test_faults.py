@@ -43,6 +43,7 @@ def test_fp16_router_logits_above_the_fp16_range_route_finitely():
 
 
 # ============================================================================ training checkpoints
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
@@ -464,3 +465,69 @@ def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"ATTNRES_LENS_DIST_TIMEOUT must be a number of seconds > 0, got '{bad}'"):
             collective_timeout()
+
+
+def _torchrun(n: int, *args: str) -> list[str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", *args]
+
+
+def test_a_stalled_rank_ends_the_run_naming_it_and_the_run_resumes(probe_source, tmp_path, capsys):
+    """torchrun, world size 2, gloo: rank 1 stops (SIGSTOP) after 3 records. Rank 0 ends the
+    run within the timeout, naming rank 1 and saying how to resume; the rerun completes with
+    the uninterrupted run's numbers. Before: rank 0 waited torch's 30 minutes, then a bare
+    gloo 'Timed out waiting' naming no rank."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    from attnres_lens.cli import main
+    from attnres_lens.records import PAUSE_ENV
+
+    timeout = 10
+    out = tmp_path / "out"
+    run = subprocess.Popen(_torchrun(2, str(HERE / "faults.py"), *_probe(probe_source, out)),
+                           env=faults.env(ATTNRES_LENS_DIST_TIMEOUT=str(timeout), **{PAUSE_ENV: "3@r1"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: errors.extend((time.monotonic(), line) for line in run.stderr))
+    reader.start()
+    stalled = None
+    try:
+        line = faults.wait_for_line(run, "paused after 3 records (r1")
+        stalled = int(re.search(r"pid (\d+)", line).group(1))
+        os.kill(stalled, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        deadline = stopped_at + timeout + 120  # rank 0 finishes its own share first, on a busy machine
+        while not any("error:" in text for _, text in errors) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+    finally:
+        if stalled is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGKILL)
+        run.wait(timeout=120)
+        reader.join()
+        run.stdout.close()
+    said = [(at, text) for at, text in errors if "attnres-lens probe: error:" in text]
+    assert run.returncode != 0 and said, "".join(text for _, text in errors)[-3000:]
+    at, message = said[0]
+    assert at - stopped_at < timeout + 120
+    assert re.search(rf"error: rank 1 of 2 did not reach the .* within {timeout}s \(ATTNRES_LENS_DIST_TIMEOUT\): "
+                     "it is stalled or dead, so rank 0 stops here; the finished units are kept in "
+                     rf"{re.escape(str(out))}\.checkpoints: rerun the same command to resume from them", message), message
+    kept = list((tmp_path / "out.checkpoints").rglob("records-r*.jsonl"))
+    assert {p.name.split("-")[1] for p in kept} == {"r0", "r1"}  # both ranks' finished units are kept
+    assert main(_probe(probe_source, out)) == 0, capsys.readouterr().err  # the resume
+    assert main(_probe(probe_source, tmp_path / "clean")) == 0
+    resumed, clean = (json.loads((tmp_path / name / "summary.json").read_text())["models"]["model"]["groups"]
+                      for name in ("out", "clean"))
+    for groups in (resumed, clean):
+        groups["slice"].pop("timings")  # wall times: the one thing a rerun may not reproduce
+    assert resumed == clean  # every table, number for number
+    assert not (tmp_path / "out.checkpoints").exists()
