@@ -11,6 +11,7 @@ import pytest
 from golden_numbers import GOLDEN, assert_matches, bundled_tables, table_matches
 
 
+@pytest.mark.xdist_group("demo")  # one demo run (conftest.demo_run) per session
 def test_demo_summary_matches_golden(demo_run):
     code, _, err, out = demo_run
     assert code == 0, err
