@@ -111,8 +111,9 @@ def null_source_refusal(hf: dict[str, Any]) -> Optional[Refusal]:
 def foreign_model_refusal(hf: dict[str, Any]) -> Optional[Refusal]:
     """Public AttnRes checkpoints whose ``model_type`` is not Qwen3's."""
     if hf.get("model_type") == "nanogpt":
-        kind = "Block AttnRes" if hf.get("use_attn_res") else (
-            "static-routing AttnRes" if hf.get("use_static_attn_res") else "a plain residual baseline"
+        # the static control sets use_attn_res too (its training flags pass both), so it is asked first
+        kind = "the static-routing control" if hf.get("use_static_attn_res") else (
+            "Block AttnRes" if hf.get("use_attn_res") else "a plain residual baseline"
         )
         return Refusal(
             "model_type 'nanogpt'",
