@@ -43,11 +43,17 @@ REFUSED_MODES: dict[str, str] = {
     "delta_replace": "DELTA's delta_replace mode: a softmax over [earlier sublayer outputs ..., the "
     "cumulative stream] replaces each sublayer's input while the head reads the stream; a source "
     "program this library has no RoutingScheme for",
-    "full_mh": "MHAR's per-head routing: each router's [1, d_model] query is read as "
-    "attnres_num_heads queries of d_model / heads channels, one softmax per head; per-head "
-    "routing weights [batch, pos, head, source] are not supported yet",
-    "full_hw": "MHAR's head-wise routing: a [num_key_value_heads, d_model] query per attention "
-    "router, one routed input per key/value group; not supported",
+    "full_mh": "MHAR's per-head routing (multi-head-attention-residuals@bb6172c, "
+    "_mh_block_attn_res_kernel): each router's [1, d_model] query, the final router's too, is read "
+    "as attnres_num_heads queries of d_model / heads channels; the key RMSNorm runs over the whole "
+    "d_model, then each head takes a softmax over delta full's sources on its own channel slice and "
+    "mixes only that slice; per-head routing weights [batch, pos, head, source] are not supported yet",
+    "full_hw": "MHAR's head-wise routing (multi-head-attention-residuals@bb6172c, "
+    "_hw_block_attn_res_kernel): a [num_key_value_heads, d_model] query per attention router, each "
+    "group scoring and mixing the full d_model, and the attention (Qwen3HeadwiseAttention) projects "
+    "each key/value group's queries, keys and values from its own routed input [batch, pos, group, "
+    "d_model]; its MLP and final routers are full_mh's. A sublayer with one input per group is not "
+    "Qwen3's attention; not supported",
 }
 #: Names DELTA's ``train_scratch.py`` accepts (its line 37) with no branch in the modeling file:
 #: they fall through to the full branch but get no final router (DELTA 1001-1007), so the head
@@ -111,8 +117,9 @@ def null_source_refusal(hf: dict[str, Any]) -> Optional[Refusal]:
 def foreign_model_refusal(hf: dict[str, Any]) -> Optional[Refusal]:
     """Public AttnRes checkpoints whose ``model_type`` is not Qwen3's."""
     if hf.get("model_type") == "nanogpt":
-        kind = "Block AttnRes" if hf.get("use_attn_res") else (
-            "static-routing AttnRes" if hf.get("use_static_attn_res") else "a plain residual baseline"
+        # the static control sets use_attn_res too (its training flags pass both), so it is asked first
+        kind = "the static-routing control" if hf.get("use_static_attn_res") else (
+            "Block AttnRes" if hf.get("use_attn_res") else "a plain residual baseline"
         )
         return Refusal(
             "model_type 'nanogpt'",

@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -35,8 +36,16 @@ import pandas as pd
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DEMO_ARGS = ("--prompts", "6", "--seq-len", "32", "--n-boot", "40", "--quiet")
-#: Relative and absolute tolerance for floats (the models run in float32; the statistics in float64).
-RTOL, ATOL = 1e-5, 1e-7
+#: Relative and absolute tolerance for floats. The models run in float32 and torch's CPU kernels
+#: sum in a different order on different CPUs (AVX2 or AVX-512): an effect is the difference of
+#: two losses near 5.5, whose float32 spacing is 4.8e-7, so a few of those spacings (ATOL), and
+#: gradient products to 5e-5 relative, are the rounding of the machine, not a change of numbers.
+#: Measured across two machines: effects differ by up to 2.7e-7, gradient estimates by 1.7e-5 rel.
+RTOL, ATOL = 5e-5, 2e-6
+#: A bootstrap bound of a rank correlation moves by a whole rank swap when two effects closer than
+#: float32 rounding trade places in a resample (measured: Kendall's upper bound 0.4295 vs 0.4378
+#: across machines); bounds under ``rank_correlation`` are compared to this absolute tolerance.
+RANK_BOUND_ATOL = 0.02
 #: Float32 rounding noise itself (a deviation from the schedule of order 1e-7): only its bound is pinned.
 NOISE_KEYS = {"verify_schedule_max_abs_dev": 1e-6}
 #: Keys that are not results: left out when recording, ignored when comparing.
@@ -116,6 +125,30 @@ def bundled_tables() -> dict[str, dict]:
     return out
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:\.(\d+))?(?:e[-+]?\d+)?")
+
+
+def _same_text(got: str, want: str) -> bool:
+    """The same words, and the same printed numbers up to one unit in their last printed digit
+    (a float at the edge of a rounding step prints either way: ``-0.0001543`` or ``-0.0001544``)."""
+    if _NUMBER.sub("#", got) != _NUMBER.sub("#", want):
+        return False
+    pairs = zip(_NUMBER.finditer(got), _NUMBER.finditer(want))
+    return all(g.group() == w.group() or _one_last_digit_apart(g, w) for g, w in pairs)
+
+
+def _one_last_digit_apart(got: re.Match, want: re.Match) -> bool:
+    if got.group(1) is None or "e" in want.group().lower():
+        return False  # integers and exponent forms are compared exactly
+    step = 10.0 ** -len(want.group(1))
+    return abs(float(got.group()) - float(want.group())) <= step * 1.5
+
+
+def _is_rank_bound(where: str) -> bool:
+    """Whether ``where`` names a bootstrap bound (``low``/``high``) of a rank correlation."""
+    return "/rank_correlation/" in where and where.rsplit("/", 1)[-1] in ("low", "high")
+
+
 def assert_matches(got: Any, want: Any, where: str = "") -> None:
     """``got`` holds every key, entry and column of ``want`` with the same values (floats to
     :data:`RTOL`/:data:`ATOL`); the message names the first place that differs."""
@@ -139,8 +172,11 @@ def assert_matches(got: Any, want: Any, where: str = "") -> None:
         if math.isnan(want):
             assert math.isnan(got), f"{where}: expected NaN, got {got!r}"
         else:
-            assert math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL), f"{where}: expected {want!r}, got {got!r}"
-    elif isinstance(want, bool) or want is None or isinstance(want, str):
+            atol = RANK_BOUND_ATOL if _is_rank_bound(where) else ATOL
+            assert math.isclose(got, want, rel_tol=RTOL, abs_tol=atol), f"{where}: expected {want!r}, got {got!r}"
+    elif isinstance(want, str):
+        assert isinstance(got, str) and _same_text(got, want), f"{where}: expected {want!r}, got {got!r}"
+    elif isinstance(want, bool) or want is None:
         assert got == want and type(got) is type(want), f"{where}: expected {want!r}, got {got!r}"
     elif isinstance(want, int):
         assert got == want and isinstance(got, int) and not isinstance(got, bool), f"{where}: expected {want!r}, got {got!r}"

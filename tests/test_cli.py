@@ -173,6 +173,7 @@ def test_console_script_runs_in_a_subprocess(tiny_dirs):
 
 
 # ----------------------------------------------------------------------------- bundled + demo
+@pytest.mark.xdist_group("demo")  # one demo run (conftest.demo_run) per session
 def test_demo_writes_the_promised_report(demo_run):
     # the run (demo --prompts 6 --seq-len 32 --n-boot 40 --quiet) is shared with test_golden.py
     code, printed, err, out = demo_run

@@ -105,6 +105,7 @@ def _resume(out: Path, capsys) -> str:
     return captured.out + captured.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["tear:torch.save:3", "tear:safetensors:3", "kill:torch.save:3"])
 def test_a_checkpoint_cut_short_falls_back_to_the_previous_one(corpus, uninterrupted, tmp_path, capsys, fault):
     """A torn trainer_state.pt or model.safetensors of step 6 (or a kill as it is written):
@@ -133,6 +134,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_why(corpus, uninterru
     assert _losses(out) == before  # steps 3-4 recomputed from step 2, bit-identical
 
 
+@pytest.mark.slow
 def test_killed_at_the_training_pause_points_leaves_nothing_behind(corpus, uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     run = faults.start_cli(*_train_flags(corpus, out), ATTNRES_LENS_PAUSE_AT="checkpoint-before-marker@4")
@@ -146,6 +148,7 @@ def test_killed_at_the_training_pause_points_leaves_nothing_behind(corpus, unint
     assert _leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_out_is_refused_naming_the_first(corpus, tmp_path):
     out = tmp_path / "run"
     first = faults.start_cli(*_train_flags(corpus, out), ATTNRES_LENS_PAUSE_AT="step@1")
@@ -235,6 +238,7 @@ def test_train_overwrite_onto_a_mount_point(corpus, tmp_path):
         assert not (volume / "old-result.txt").exists() and _leftovers(volume) == []
 
 
+@pytest.mark.slow
 def test_a_second_probe_on_the_same_out_is_refused_naming_the_first(probe_source, tmp_path):
     from attnres_lens.outputs import output_lock
 
@@ -275,6 +279,7 @@ def test_records_of_another_run_are_refused_even_without_the_manifest(tmp_path):
     assert again["effect"].tolist() == fresh["effect"].tolist()  # its own records are still its own
 
 
+@pytest.mark.slow
 def test_torn_probe_records_are_reported_by_the_cli(probe_source, tmp_path):
     out = tmp_path / "out"
     run = faults.start_cli(*_probe(probe_source, out), ATTNRES_LENS_PAUSE_AFTER_RECORDS="3")

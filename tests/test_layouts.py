@@ -176,6 +176,18 @@ def test_the_babylm_nanogpt_layout_is_refused_by_name(tmp_path):
     assert all(w.std(dim=(0, 1)).max() > 1e-3 for w in weights[1:]) and logits.shape == (2, 9, 300)
 
 
+@pytest.mark.parametrize("fields, kind", [
+    ({"use_attn_res": True, "use_static_attn_res": True}, "the static-routing control"),
+    ({"use_attn_res": False, "use_static_attn_res": False}, "a plain residual baseline"),
+])
+def test_each_babylm_variant_is_named_for_what_it_is(tmp_path, fields, kind):
+    """The static control's export sets use_attn_res too, so it must not be called Block AttnRes."""
+    write_nano(tmp_path, **fields)
+    with pytest.raises(CheckpointError, match=rf"model_type 'nanogpt' is not supported.*{kind}") as refused:
+        HookedAttnResTransformer.from_pretrained(tmp_path)
+    assert "Block AttnRes" not in str(refused.value)
+
+
 @pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - set(LOADING)))
 def test_layouts_not_loaded_yet_are_refused_by_name(tmp_path, layout):
     write_layout(tmp_path, layout)

@@ -98,6 +98,7 @@ def test_committed_notebook_is_executed_with_its_figures(path):
     assert "IProgress not found" not in _stderr(nb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)

@@ -73,6 +73,7 @@ def _probe_arguments(tmp_path: Path, out: Path) -> list[str]:
             "--n-boot", "40", "--groups", "slice", "--quiet"]
 
 
+@pytest.mark.slow
 def test_world_size_2_under_torchrun_equals_one_process(reference, tmp_path, capsys):
     from attnres_lens.cli import main
 
@@ -100,6 +101,7 @@ def test_world_size_2_under_torchrun_equals_one_process(reference, tmp_path, cap
         assert len(set(keys)) == len(keys) == n_records
 
 
+@pytest.mark.slow
 def test_killed_midway_then_resumed_equals_uninterrupted(reference, tmp_path):
     out, checkpoint = tmp_path / "out.json", tmp_path / "ckpt"
     worker = subprocess.Popen([sys.executable, str(WORKER), str(out), "--checkpoint", str(checkpoint)],
