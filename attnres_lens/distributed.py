@@ -126,25 +126,29 @@ def _stalled(err: RuntimeError, what: str) -> RankStalledError:
     """The error naming the rank(s) gloo's monitored barrier reported as not answering: rank 0
     names them; any other rank knows only that rank 0 (which coordinates it) did not answer."""
     found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(err))
-    stalled = tuple(int(r) for r in found.group(1).replace(" ", "").split(",") if r) if found else (0,)
-    names = ", ".join(str(r) for r in stalled)
+    if found:  # torch names the ranks only in its message text
+        stalled = tuple(int(r) for r in found.group(1).replace(" ", "").split(",") if r)
+    else:  # rank 0 coordinates the barrier: another rank that timed out waited on rank 0
+        stalled = (0,) if dist.get_rank() != 0 else ()
+    names = ", ".join(str(r) for r in stalled) or "a rank (torch did not say which)"
     seconds = collective_timeout().total_seconds()
     return RankStalledError(
         f"rank {names} of {dist.get_world_size()} did not reach the {what} within {seconds:g}s "
         f"({TIMEOUT_ENV}): it is stalled or dead, so rank {dist.get_rank()} stops here", stalled, what)
 
 
-def _check_every_rank_answers(what: str) -> None:
+def _check_every_rank_answers(what: str) -> bool:
     """Under gloo, a monitored barrier before each collective: a rank that does not arrive
     within the timeout is named (a plain gloo collective only says it timed out, and after
     that the group is closed, so it must come first). NCCL has no monitored barrier; its own
-    watchdog ends a stalled collective after the same timeout."""
+    watchdog ends a stalled collective after the same timeout. Returns whether it ran."""
     if dist.get_backend() != "gloo":
-        return
+        return False
     try:
         dist.monitored_barrier(timeout=collective_timeout(), wait_all_ranks=True)
     except RuntimeError as err:
         raise _stalled(err, what) from err
+    return True
 
 
 def barrier(what: str = "barrier") -> None:
@@ -152,9 +156,7 @@ def barrier(what: str = "barrier") -> None:
     within :func:`collective_timeout` raises :class:`RankStalledError` naming it."""
     if not is_active():
         return
-    if dist.get_backend() == "gloo":
-        _check_every_rank_answers(what)  # a monitored barrier is a barrier
-    else:
+    if not _check_every_rank_answers(what):  # under gloo the monitored barrier is the barrier
         dist.barrier()
 
 
@@ -164,7 +166,7 @@ def gather_lists(local: list[Any], what: str = "gathering of results") -> list[l
     :class:`RankStalledError` naming it."""
     if not is_active():
         return [local]
-    _check_every_rank_answers(what)
+    _check_every_rank_answers(what)  # names a stalled rank before the gather can only time out
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, local)
     return out
