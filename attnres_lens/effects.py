@@ -193,6 +193,14 @@ class Effects:
                        clean=np.concatenate([p.clean for p in parts]),
                        undefined=tuple(sorted(set().union(*(p.undefined for p in parts)))))
 
+    def take_prompts(self, order: Sequence[int]) -> "Effects":
+        """These prompts (columns, in this order): e.g. the prompts of several batches put back
+        in the order of the input they came from."""
+        order = [int(i) for i in order]
+        pick = (lambda a: None if a is None else a[:, order])
+        return replace(self, mass=self.mass[:, order], effect=self.effect[:, order], clean=self.clean[order],
+                       estimate=pick(self.estimate))
+
     # ------------------------------------------------------------------ derived
     def mean_mass(self) -> np.ndarray:
         return self.mass.mean(axis=1)

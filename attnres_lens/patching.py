@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,7 @@ from .sweep_plan import (
     SweepSpec,
     UndefinedInterventionWarning,
     execute,
+    execute_prompts,
     measure,
     plan,
     warn_if_not_finite,
@@ -240,7 +241,7 @@ def _batched_patch_runs(
 # ============================================================================ the sweep
 def sweep_sources(
     model: HookedAttnResTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Union[Int[Tensor, "batch pos"], str, list[str]],
     *,
     mode: str = "zero",
     metric: Any = "loss",
@@ -258,12 +259,14 @@ def sweep_sources(
     routers: Optional[Sequence[str]] = None,
     checkpoint_dir: Any = None,
     merge_duplicates: bool = True,
+    attention_mask: Optional[Tensor] = None,
 ) -> pd.DataFrame:
     """Intervene on each depth-source slice (or family, or group) in turn and measure the effect.
 
     Args:
         model: the model.
-        tokens: ``[batch, pos]`` prompts.
+        tokens: ``[batch, pos]`` prompts, or strings (tokenised and padded by ``to_tokens``,
+            which gives their attention mask).
         mode: ``"zero"``, ``"mask"``, ``"scale"`` (needs ``factor``), ``"mean"`` (over
             ``reference``, by default the swept prompts), ``"patch"`` (needs ``reference``: tokens
             or a cache of the run to patch from) or ``"resample"`` (within each batch, or from
@@ -301,6 +304,12 @@ def sweep_sources(
             the sum of the copies' masses, and it is keyed by the first copy. ``False``: one
             row per copy (zeroing one copy is then largely undone by the other, through the
             sublayer's input norm).
+        attention_mask: ``[batch, pos]``, 1 = real token, for padded ``tokens`` (right or left
+            padding). The prompts are unpadded and swept by length, so pads enter no metric and no
+            mass, and every per-prompt value (and ``positions``, which counts from each prompt's
+            own start or end) is the one the prompt has run alone; the means are over prompts.
+            Modes that read other prompts of the batch (``patch``, and ``mean``/``resample``
+            without ``reference``) need prompts of one length.
 
     Returns:
         A DataFrame with one row per slice or group and columns ``router, layer, sublayer,
@@ -324,21 +333,28 @@ def sweep_sources(
                      merge_duplicates=merge_duplicates, max_batch_tokens=max_batch_tokens, reference=reference,
                      progress=progress)
     sharded = checkpoint_dir is not None or distributed.is_active()
-    effects = execute(plan(model, spec), tokens, Sharded(checkpoint_dir) if sharded else Local())
+    effects = execute_prompts(plan(model, spec), tokens, attention_mask, Sharded(checkpoint_dir) if sharded else Local())
     warn_if_not_finite(effects)
     return effects.sweep_table()
 
 
-def run_sweep(model: HookedAttnResTransformer, tokens: Int[Tensor, "batch pos"], **kwargs: Any) -> SweepResult:
+def run_sweep(model: HookedAttnResTransformer, tokens: Union[Int[Tensor, "batch pos"], str, list[str]], **kwargs: Any) -> SweepResult:
     """:func:`sweep_sources` (same arguments but ``checkpoint_dir``; one process), returning
     the table together with its units (a :class:`SweepResult`, whose ``effects`` is the
     :class:`~attnres_lens.effects.Effects`).
 
-    ``unit_indices=[i, ...]`` sweeps only those rows of the full sweep (in that order)."""
+    ``unit_indices=[i, ...]`` sweeps only those rows of the full sweep (in that order);
+    ``attention_mask=`` (or strings for ``tokens``) as in :func:`sweep_sources`."""
     unit_indices = kwargs.pop("unit_indices", None)
+    attention_mask = kwargs.pop("attention_mask", None)
     if not isinstance(model, HookedAttnResTransformer):
         raise TypeError(f"model must be a HookedAttnResTransformer, got {type(model).__name__}")
-    return SweepResult(measure(plan(model, SweepSpec(**kwargs)), tokens, unit_indices=unit_indices))
+    swept = plan(model, SweepSpec(**kwargs))
+    if attention_mask is None and isinstance(tokens, Tensor):
+        return SweepResult(measure(swept, tokens, unit_indices=unit_indices))
+    if unit_indices is not None:
+        raise ValueError("unit_indices= sweeps rows of one unpadded batch; pass tokens without attention_mask")
+    return SweepResult(execute_prompts(swept, tokens, attention_mask))
 
 
 __all__ = [

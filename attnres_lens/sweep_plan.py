@@ -39,6 +39,7 @@ from .interventions.providers import HOOKS_OF_TARGET, ReferenceMemo, cache_mappi
 from .metrics import Metric, non_finite_prompts
 from .model import HookedAttnResTransformer
 from .names import ROUTER_HOOKS
+from .sequence import prompts_by_length
 from .selection import IndexSelector, SweepUnit, Touched, as_index, select_indices, sweep_units
 from .sweep_engine import Rerun, clean_pass, default_budget, first_position, run_batched, run_naive
 
@@ -279,6 +280,30 @@ def execute(plan: SweepPlan, batches: Any, executor: Optional[Executor] = None) 
     return (Local() if executor is None else executor).run(plan, batches)
 
 
+def execute_prompts(plan: SweepPlan, prompts: Any, attention_mask: Optional[Tensor] = None,
+                    executor: Optional[Executor] = None) -> Effects:
+    """:func:`execute` on one batch of prompts that may be padded: ``[batch, pos]`` tokens with
+    their ``attention_mask`` (1 = real token), or strings (whose mask ``to_tokens`` derives).
+    The prompts are unpadded and grouped by length (:func:`~attnres_lens.sequence.prompts_by_length`),
+    the groups run as batches (a metric with per-prompt data follows its prompts), and the
+    per-prompt values come back in input order: each equals the prompt run alone."""
+    groups = prompts_by_length(plan.model, prompts, attention_mask)
+    if len(groups) == 1:
+        return execute(plan, groups[0].tokens, executor)
+    spec = plan.spec
+    if spec.mode == "patch" or (spec.mode in ("mean", "resample") and spec.reference is None):
+        raise ValueError(
+            f"mode {spec.mode!r}{'' if spec.mode == 'patch' else ' without reference='} reads the other prompts of "
+            f"one [batch, pos] batch, but these prompts have {len(groups)} lengths "
+            f"({sorted(int(g.tokens.shape[1]) for g in groups)}); sweep prompts of one length at a time"
+            + ("" if spec.mode == "patch" else " or pass reference=")
+        )
+    rows = [row for group in groups for row in group.rows]
+    spec = spec.replace(metric=spec.metric.for_prompts(torch.tensor(rows)))
+    effects = execute(dataclasses.replace(plan, spec=spec), [group.tokens for group in groups], executor)
+    return effects.take_prompts(np.argsort(rows, kind="stable").tolist())
+
+
 def measure(plan: SweepPlan, tokens: Tensor, *, metric: Optional[Metric] = None, unit_indices: Optional[Sequence[int]] = None,
             progress: Optional[bool] = None) -> Effects:
     """One batch of ``plan`` (only the units ``unit_indices``, in that order, if given: the
@@ -451,6 +476,7 @@ __all__ = [
     "SweepSpec",
     "UndefinedInterventionWarning",
     "execute",
+    "execute_prompts",
     "measure",
     "plan",
     "warn_if_not_finite",

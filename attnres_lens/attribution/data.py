@@ -5,53 +5,69 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+import numpy as np
 from torch import Tensor
+
+from ..sequence import prompts_by_length
 
 if TYPE_CHECKING:  # annotations only
     from ..model import HookedAttnResTransformer
 
 
-def as_batches(model: "HookedAttnResTransformer", data: Any) -> list[Tensor]:
-    """Normalise ``tokens_or_batches`` to a list of ``[batch, pos]`` token tensors.
+def as_batches(model: "HookedAttnResTransformer", data: Any, attention_mask: Optional[Tensor] = None) -> list[Tensor]:
+    """Normalise ``tokens_or_batches`` to a list of ``[batch, pos]`` token tensors (see
+    :func:`prompt_batches`, which also says where each prompt came from)."""
+    return prompt_batches(model, data, attention_mask)[0]
+
+
+def prompt_batches(
+    model: "HookedAttnResTransformer", data: Any, attention_mask: Optional[Tensor] = None
+) -> tuple[list[Tensor], list[int]]:
+    """The batches of ``tokens_or_batches`` and, for each of their prompts in order, its row in the input.
 
     Accepts a token tensor, a sequence of token tensors (batches, possibly of different
-    lengths), a string or a sequence of strings (each a prompt; prompts of equal token length
-    are batched together, so nothing is padded)."""
+    lengths), a string or a sequence of strings. Strings, and a padded token tensor given with
+    its ``attention_mask`` (``[batch, pos]``, 1 = real token), are unpadded and grouped by
+    length (:func:`~attnres_lens.sequence.prompts_by_length`), so no batch holds a pad and every
+    number equals the prompts run one by one. The rows are ``0, 1, ..`` for token input without
+    a mask; :func:`in_input_order` puts per-prompt values back in input order."""
     if isinstance(data, str):
         data = [data]
+    strings = isinstance(data, (list, tuple)) and len(data) > 0 and all(isinstance(item, str) for item in data)
+    if attention_mask is not None and not (strings or isinstance(data, Tensor)):
+        raise TypeError(
+            "attention_mask= goes with one padded [batch, pos] token tensor (or a list of strings), got "
+            f"a {type(data).__name__}; a list of batches holds no padding"
+        )
+    if strings or (attention_mask is not None):
+        groups = prompts_by_length(model, list(data) if strings else data, attention_mask)
+        return [group.tokens for group in groups], [row for group in groups for row in group.rows]
     if isinstance(data, Tensor):
         batches = [data]
     elif isinstance(data, (list, tuple)):
         if len(data) == 0:
             raise ValueError("the dataset is empty: pass at least one prompt (token tensor or text)")
-        if all(isinstance(item, str) for item in data):
-            by_length: dict[int, list[Tensor]] = {}
-            for text in data:
-                toks = model.to_tokens(text)[0]
-                by_length.setdefault(int(toks.shape[0]), []).append(toks)
-            batches = [torch.stack(rows) for rows in by_length.values()]
-        elif all(isinstance(item, Tensor) for item in data):
-            batches = list(data)
-        else:
+        if not all(isinstance(item, Tensor) for item in data):
             raise TypeError(
                 "tokens_or_batches must be a token tensor, a list of token tensors, a string or a "
                 f"list of strings; got a {type(data).__name__} of "
                 f"{sorted({type(item).__name__ for item in data})}"
             )
+        batches = list(data)
     else:
         raise TypeError(
             "tokens_or_batches must be a token tensor, a list of token tensors, a string or a list "
             f"of strings; got {type(data).__name__}"
         )
-    out = []
-    for batch in batches:
-        if batch.ndim >= 1 and batch.numel() == 0:
-            continue
-        out.append(model.validate_tokens(batch))
+    out = [model.validate_tokens(batch) for batch in batches if not (batch.ndim >= 1 and batch.numel() == 0)]
     if not out or sum(int(b.shape[0]) for b in out) == 0:
         raise ValueError("the dataset is empty: it holds no tokens")
-    return out
+    return out, list(range(sum(int(b.shape[0]) for b in out)))
+
+
+def in_input_order(values: np.ndarray, rows: list[int]) -> np.ndarray:
+    """Per-prompt ``values`` (prompts on the last axis, in the batches' order) in input order."""
+    return values[..., np.argsort(rows, kind="stable")]
 
 
 def capture_weights_hooks(model: "HookedAttnResTransformer", store: dict) -> list[tuple[str, Callable]]:
@@ -73,4 +89,4 @@ def split_batch(batch: Tensor, batch_size: Optional[int]) -> list[Tensor]:
 
 
 
-__all__ = ["as_batches", "capture_weights_hooks", "split_batch"]
+__all__ = ["as_batches", "capture_weights_hooks", "in_input_order", "prompt_batches", "split_batch"]

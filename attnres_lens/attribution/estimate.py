@@ -64,7 +64,7 @@ from ..components import KVCacheEntry
 from ..model import DepthState
 from ..selection import SweepUnit, resolve_positions, sweep_units
 from ..sweep_engine import CleanRun, default_budget
-from .data import as_batches, split_batch
+from .data import in_input_order, prompt_batches, split_batch
 from .gradients import gradient_rows
 
 if TYPE_CHECKING:  # annotations only
@@ -127,6 +127,7 @@ def estimate_effects(
     merge_duplicates: bool = True,
     max_batch_tokens: Optional[int] = None,
     bands: Any = None,
+    attention_mask: Optional[Tensor] = None,
 ) -> pd.DataFrame:
     """Estimate the effect of intervening on every slice (or family, or group) with ``mode``
     (``"zero"``, ``"mask"`` or ``"scale"`` with ``factor``) without the exact sweep.
@@ -144,9 +145,14 @@ def estimate_effects(
     ``mass_per_prompt`` and ``estimate_per_prompt``. Rows whose intervention is undefined
     (masking every source of a router) are NaN. ``df.attrs["units"]`` holds the
     :class:`~attnres_lens.selection.SweepUnit` of each row.
+
+    A padded ``[batch, pos]`` tensor takes its ``attention_mask`` (1 = real token; a list of
+    strings derives it): its prompts are unpadded and run by length, so each prompt's mass and
+    estimate are the ones it has alone, the means are over prompts, and the per-prompt arrays
+    are in input order.
     """
     table, _ = _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
-                         max_batch_tokens, bands, keep_bytes=0)
+                         max_batch_tokens, bands, keep_bytes=0, attention_mask=attention_mask)
     return table
 
 
@@ -171,7 +177,7 @@ def estimate_keeping_clean_runs(
 
 
 def _estimate(model, tokens, mode, metric, method, groups, positions, factor, batch_size, merge_duplicates,
-              max_batch_tokens, bands, keep_bytes: int) -> tuple[pd.DataFrame, list[ChunkRun]]:
+              max_batch_tokens, bands, keep_bytes: int, attention_mask=None) -> tuple[pd.DataFrame, list[ChunkRun]]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     if mode not in ESTIMATE_MODES:
@@ -181,7 +187,8 @@ def _estimate(model, tokens, mode, metric, method, groups, positions, factor, ba
     resolved = Metric.resolve(metric)
     if resolved.differentiable() is None:
         raise ValueError("metric 'kl' has value and gradient 0 at the clean run; estimate 'loss' or a logit difference")
-    batches = as_batches(model, tokens)
+    batches, rows = prompt_batches(model, tokens, attention_mask)
+    resolved = resolved.for_prompts(torch.tensor(rows))
     bands = bands if isinstance(groups, str) and groups == "family_band" else None
     units = sweep_units(model, groups, bands, merge_duplicates=merge_duplicates)
     chunks: list[ChunkRun] = []
@@ -192,6 +199,7 @@ def _estimate(model, tokens, mode, metric, method, groups, positions, factor, ba
             model, batches, resolved, units, positions, batch_size, mode, factor, method, max_batch_tokens,
             chunks, keep_bytes,
         )
+    per_prompt, mass, clean = (in_input_order(values, rows) for values in (per_prompt, mass, clean))
     return _estimate_table(units, per_prompt, mass, clean, method, mode), chunks
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..effects import key_frame
 from ..metrics import Metric, non_finite_prompts
 from ..selection import SlicePair, resolve_positions, sweep_units
-from .data import as_batches, capture_weights_hooks, split_batch
+from .data import capture_weights_hooks, in_input_order, prompt_batches, split_batch
 from .routing_stats import RoutingAccumulator
 
 if TYPE_CHECKING:  # annotations only
@@ -249,6 +249,7 @@ def gradient_attribution(
     positions: Any = None,
     batch_size: Optional[int] = None,
     merge_duplicates: bool = True,
+    attention_mask: Optional[Tensor] = None,
 ) -> pd.DataFrame:
     """First-order estimates of the effect of zeroing and of masking every depth-source slice,
     all from one forward and one backward pass per batch.
@@ -280,12 +281,19 @@ def gradient_attribution(
     alpha), ``grad`` (mean ``g_i`` per token), ``zero_estimate``, ``mask_estimate``,
     ``metric_clean``, and the per-prompt arrays ``zero_estimate_per_prompt`` and
     ``mask_estimate_per_prompt``.
+
+    ``tokens``: a token tensor, a list of them, or strings. A padded ``[batch, pos]`` tensor
+    takes its ``attention_mask`` (1 = real token; strings derive it): its prompts are unpadded
+    and run by length, so each prompt's estimate is the one it has alone (pads never enter a
+    sum), the means are over prompts, and the per-prompt arrays are in input order.
     """
-    batches = as_batches(model, tokens)
+    batches, rows = prompt_batches(model, tokens, attention_mask)
+    metric = Metric.resolve(metric).for_prompts(torch.tensor(rows))
     units = sweep_units(model, "slice", merge_duplicates=merge_duplicates)
     table = key_frame(units)  # the key columns' dtypes of every results table
     groups = [unit.slices for unit in units]
-    estimates = gradient_rows(model, batches, metric, groups, positions, batch_size)
+    estimates = {name: in_input_order(values, rows)
+                 for name, values in gradient_rows(model, batches, metric, groups, positions, batch_size).items()}
     table["mass"] = estimates["mass"].mean(1)
     table["grad"] = estimates["grad"].mean(1)
     table["zero_estimate"] = estimates["zero"].mean(1)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from ..effects import Effects
 from ..metrics import Metric
@@ -32,7 +33,7 @@ from ..selection import (
     slice_pairs,
 )
 from .bootstrap import CI_METHODS, Interval, bootstrap_statistics, check_bootstrap_size, kendall_columns, spearman_columns
-from .data import as_batches
+from .data import prompt_batches
 from .exact import sweep_batches
 from .screen import SCREEN_ENGINES, add_screen_columns as _add_screen_columns, screened_sweep
 from .gradients import gradient_rows
@@ -108,6 +109,7 @@ def mass_vs_effect(
     merge_duplicates: bool = True,
     screen_k: Optional[int] = None,
     screen_control: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
 ) -> MassEffectReport:
     """Compare routing mass with causal effect, slice by slice (or group by group).
 
@@ -161,12 +163,18 @@ def mass_vs_effect(
     shared across the ranks and gathered, and every rank returns the same report
     (``docs/scale.md``).
 
+    Padding: a padded ``[batch, pos]`` tensor takes its ``attention_mask`` (1 = real token; a
+    list of strings derives it). Its prompts are unpadded and grouped by length (in order of
+    first appearance), and every prompt is measured on its real tokens alone, so each row's
+    mass and effect are means over prompts of the values the prompts have run one by one; the
+    bootstrap resamples the prompts in that grouped order.
+
     Raises ``ValueError`` for an empty dataset, too few prompts for a bootstrap (at least
     :func:`min_prompts_for_bootstrap` ``(confidence)``, 4 at 95%), groups naming unknown
     families or bands, and a metric that is not finite for some slice (named).
     """
     started = time.perf_counter()
-    batches = as_batches(model, tokens_or_batches)
+    batches, prompt_rows = prompt_batches(model, tokens_or_batches, attention_mask)
     n_prompts = sum(int(b.shape[0]) for b in batches)
     if ci_method not in CI_METHODS:
         raise ValueError(f"ci_method must be one of {CI_METHODS}, got {ci_method!r}")
@@ -176,7 +184,7 @@ def mass_vs_effect(
         raise ValueError(f"unknown engine {engine!r}; valid: {engines}")
     check_bootstrap_size(n_prompts, confidence, n_boot)
     resolved_bands = resolve_bands(bands, model.cfg.n_layers)
-    resolved_metric = Metric.resolve(metric)
+    resolved_metric = Metric.resolve(metric).for_prompts(torch.tensor(prompt_rows))
     timings, clock = {}, time.perf_counter()
 
     sweep_groups = _sweep_groups(model, groups, resolved_bands)

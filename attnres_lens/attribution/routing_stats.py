@@ -275,12 +275,17 @@ def routing_statistics(
     *,
     bands: BandsLike = None,
     batch_size: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
 ) -> RoutingStatistics:
     """Routing mass, its spread, and content dependence over a dataset (see
     :class:`RoutingStatistics`). ``bands`` maps band names to layers (default: early/late
-    halves). One forward per batch."""
+    halves). One forward per batch.
+
+    A padded ``[batch, pos]`` tensor takes its ``attention_mask`` (1 = real token; a list of
+    strings derives it): its prompts are unpadded and run by length, so every statistic is
+    over the real tokens only, exactly the prompts run one by one."""
     acc = RoutingAccumulator(model, resolve_bands(bands, model.cfg.n_layers))
-    accumulate_routing(model, as_batches(model, tokens_or_batches), batch_size, acc)
+    accumulate_routing(model, as_batches(model, tokens_or_batches, attention_mask), batch_size, acc)
     return acc.finish()
 
 
