@@ -533,6 +533,11 @@ def _add_probe(sub: Any) -> None:
     )
     p.add_argument("source", metavar="SOURCE", help="a local checkpoint directory or a hub id")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to probe on")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even when the estimated memory of the sweeps exceeds the memory this run may allocate",
+    )
     _add_protocol_options(p, out_default="attnres-probe")
     _add_wrap_options(p)
     p.set_defaults(func=_cmd_probe)
@@ -643,6 +648,28 @@ def _as_rank(args: argparse.Namespace, distributed: Any) -> None:
         warnings.simplefilter("ignore")
 
 
+def _check_probe_memory(model: Any, batch: int, seq_len: int) -> None:
+    """Refuse, with the estimate and the limit it meets, a probe whose sweeps cannot fit in the
+    memory this process may allocate (the machine, its cgroup, ``ulimit -v``)."""
+    from .resources import MemoryHeadroom, available_memory, gib
+    from .sweep_engine import sweep_memory_bytes
+
+    needed = sweep_memory_bytes(model, batch * seq_len)
+    device = model.embed.weight.device
+    if device.type == "cuda":
+        import torch
+
+        available: Optional[MemoryHeadroom] = MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
+    else:
+        available = available_memory()
+    if available is not None and needed > available.n_bytes:
+        raise CLIError(
+            f"the probe's sweeps need about {gib(needed)} (the weights, {batch} prompts x {seq_len} tokens "
+            f"per pass and one stack of reruns), more than the {available} this run may allocate; lower "
+            "--batch-size or --seq-len, or pass --skip-memory-check to try anyway"
+        )
+
+
 def _checkpoint_dir(out: str) -> Path:
     """Where ``probe --out DIR`` records finished units until the report is written."""
     path = Path(out)
@@ -672,6 +699,9 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
     if tokens.shape[0] < args.prompts:
         reasons.append(f"the text holds only {tokens.shape[0]} windows of {seq_len} tokens")
     _size_note(args.prompts, args.seq_len, tokens.shape[0], tokens.shape[1], "; ".join(reasons))
+    if not args.skip_memory_check:
+        _check_probe_memory(model, tokens.shape[0] if args.batch_size is None else min(args.batch_size, tokens.shape[0]),
+                            tokens.shape[1])
     description = (
         f"{model.cfg.flavour} AttnRes, "
         + ("learned routing" if not model.schedule.is_scheduled else f"wrapped ({model.schedule.kind} schedule)")
