@@ -545,9 +545,12 @@ def _read_texts(paths: Sequence[str]) -> list[str]:
         if not path.is_file():
             raise CLIError(f"--text: {raw} is not a file")
         try:
-            texts.append(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise CLIError(f"--text: {raw} is not UTF-8 text") from None
+        if not text.strip():
+            raise CLIError(f"--text: {raw} is empty{' (only whitespace)' if text else ''}; give text to probe on")
+        texts.append(text)
     return texts
 
 
@@ -566,17 +569,16 @@ def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> None:
-    """What can be refused before a model is loaded: the output directory and the bands."""
-    from .outputs import check_output_dir
-
-    check_output_dir(args.out, overwrite=args.overwrite, flag="--overwrite")
+    """The bands' one rule (:func:`attnres_lens.bands.resolve_bands`), against the model's
+    ``n_layers`` when the config says it (else only that no layer is in two bands); checked
+    before torch is imported."""
     if not args.bands:
         return
     names = [name for name, _ in args.bands]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CLIError(f"--bands: each band name once, got {', '.join(repeated)} more than once")
-    from .selection import layers_text, resolve_bands
+    from .bands import layers_text, resolve_bands
 
     layers_named = max(layer for _, layers in args.bands for layer in layers) + 1
     try:  # the one rule of bands (no layer in two, every layer in the model), said as a CLI error
@@ -585,12 +587,17 @@ def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> N
         raise CLIError(f"--bands {' '.join(f'{name}={layers_text(layers)}' for name, layers in args.bands)}: {err}") from None
 
 
-def _layer_count(source: str) -> Optional[int]:
-    """``num_hidden_layers`` from a local checkpoint's config.json, without loading it."""
-    try:
-        value = json.loads((Path(source).expanduser() / "config.json").read_text()).get("num_hidden_layers")
-    except (OSError, ValueError, AttributeError):
-        return None  # loading reports what is wrong
+def _layer_count(source: Union[str, Path]) -> Optional[int]:
+    """``num_hidden_layers`` from a local checkpoint's config.json, type-checked as the loader
+    checks it (:func:`attnres_lens.checkpoint_config.checked_config`), without torch; ``None``
+    for a hub id or a directory without a config (loading says what is missing)."""
+    from .checkpoint_config import checked_config
+    from .paths import local_checkpoint
+
+    directory = local_checkpoint(source)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    value = checked_config(directory).get("num_hidden_layers")
     return value if isinstance(value, int) else None
 
 
@@ -653,7 +660,6 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
     t0 = time.perf_counter()
     _set_threads(args)
     texts = args.texts if hasattr(args, "texts") else _read_texts(args.text)
-    _check_protocol_args(args, _layer_count(args.source))
     model = _load_source(args)
     if isinstance(model.tokenizer, NoTokenizer):
         raise CLIError(
@@ -730,7 +736,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _set_threads(args)
-    _check_protocol_args(args, _layer_count(str(bundled.model_path(bundled.ATTNRES_MODEL))))
+    _check_protocol_args(args, _layer_count(bundled.model_path(bundled.ATTNRES_MODEL)))
     if not args.quiet:
         print(
             f"{PROG} demo: wrapped vanilla Qwen3 (recency schedule, b = {bundled.DEMO_RECENCY_BIAS:g}) vs "
@@ -771,6 +777,7 @@ def _check_output(out: str, *, overwrite: bool, flag: str = "--overwrite") -> No
 
 def _precheck_probe(args: argparse.Namespace) -> None:
     _check_source(args.source)
+    _check_protocol_args(args, _layer_count(args.source))
     _check_tokenizer_dir(args)
     args.texts = _read_texts(args.text)
     _check_output(args.out, overwrite=args.overwrite)
@@ -780,11 +787,13 @@ def _precheck_probe(args: argparse.Namespace) -> None:
 
 
 def _precheck_demo(args: argparse.Namespace) -> None:
+    _check_protocol_args(args, None)  # against the bundled models' layers once they are found
     _check_output(args.out, overwrite=args.overwrite)
 
 
 def _precheck_inspect(args: argparse.Namespace) -> None:
     _check_source(args.source)
+    _layer_count(args.source)  # the config's field types
     _check_tokenizer_dir(args)
 
 
