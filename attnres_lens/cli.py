@@ -677,7 +677,6 @@ def _checkpoint_dir(out: str) -> Path:
 
 
 def _probe(args: argparse.Namespace, distributed: Any) -> int:
-    import shutil
     import time
 
     from .bundled import text_windows
@@ -716,6 +715,7 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
             data={"source": ", ".join(args.text)},
             title=f"Routing probe: {args.source}",
             checkpoint_dir=checkpoints,
+            discard_checkpoints=True,
             **_protocol_kwargs(args),
         )
     except distributed.RankStalledError as err:  # resumable too: the finished units stay
@@ -730,12 +730,7 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
                 file=sys.stderr,
             )
         raise
-    except BaseException:  # a rerun would fail the same way: a failed run leaves nothing behind
-        if distributed.is_writer():
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        raise
-    if distributed.is_writer():  # the report is complete: the unit records have served
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if distributed.is_writer():  # the report is complete: run_protocol removed the unit records
         _finish(result, args, time.perf_counter() - t0)
     return 0
 

@@ -488,3 +488,58 @@ def test_a_failed_probe_removes_its_checkpoints_an_interrupted_one_keeps_them(ti
     monkeypatch.setattr(protocol, "_write_report", written)
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_HOLD_LOCK = """
+import sys
+from attnres_lens.outputs import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_probe_refused_by_the_lock_leaves_the_running_probes_records(tiny_dirs, tmp_path, capsys):
+    """A second probe on an --out another process is writing is refused, and does not remove
+    OUT.checkpoints/, which is the first run's."""
+    import os
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    (checkpoints / "model").mkdir(parents=True)
+    (checkpoints / "model" / "record").write_text("the first run's")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out),
+                *PROBE_FAST, "--quiet"]
+        assert main(argv) == 1
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert (checkpoints / "model" / "record").read_text() == "the first run's"
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_finished_probe_removes_its_records_before_it_releases_the_lock(tiny_dirs, tmp_path, monkeypatch):
+    """The records go while the run still holds --out's lock: a next probe that takes the lock
+    never finds them half-removed under it."""
+    import contextlib
+
+    from attnres_lens import protocol
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    held = protocol.output_lock
+    seen = []
+
+    @contextlib.contextmanager
+    def observed_lock(path):
+        with held(path) as lock:
+            yield lock
+            seen.append(checkpoints.exists())  # the last moment the lock is held
+
+    monkeypatch.setattr(protocol, "output_lock", observed_lock)
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out),
+            *PROBE_FAST, "--quiet"]
+    assert main(argv) == 0
+    assert seen == [False] and not checkpoints.exists() and (out / "report.md").is_file()
