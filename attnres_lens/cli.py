@@ -533,6 +533,11 @@ def _add_probe(sub: Any) -> None:
     )
     p.add_argument("source", metavar="SOURCE", help="a local checkpoint directory or a hub id")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to probe on")
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="start even when the estimated memory of the sweeps exceeds the memory this run may allocate",
+    )
     _add_protocol_options(p, out_default="attnres-probe")
     _add_wrap_options(p)
     p.set_defaults(func=_cmd_probe)
@@ -545,9 +550,12 @@ def _read_texts(paths: Sequence[str]) -> list[str]:
         if not path.is_file():
             raise CLIError(f"--text: {raw} is not a file")
         try:
-            texts.append(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise CLIError(f"--text: {raw} is not UTF-8 text") from None
+        if not text.strip():
+            raise CLIError(f"--text: {raw} is empty{' (only whitespace)' if text else ''}; give text to probe on")
+        texts.append(text)
     return texts
 
 
@@ -566,17 +574,16 @@ def _protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> None:
-    """What can be refused before a model is loaded: the output directory and the bands."""
-    from .outputs import check_output_dir
-
-    check_output_dir(args.out, overwrite=args.overwrite, flag="--overwrite")
+    """The bands' one rule (:func:`attnres_lens.bands.resolve_bands`), against the model's
+    ``n_layers`` when the config says it (else only that no layer is in two bands); checked
+    before torch is imported."""
     if not args.bands:
         return
     names = [name for name, _ in args.bands]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CLIError(f"--bands: each band name once, got {', '.join(repeated)} more than once")
-    from .selection import layers_text, resolve_bands
+    from .bands import layers_text, resolve_bands
 
     layers_named = max(layer for _, layers in args.bands for layer in layers) + 1
     try:  # the one rule of bands (no layer in two, every layer in the model), said as a CLI error
@@ -585,12 +592,17 @@ def _check_protocol_args(args: argparse.Namespace, n_layers: Optional[int]) -> N
         raise CLIError(f"--bands {' '.join(f'{name}={layers_text(layers)}' for name, layers in args.bands)}: {err}") from None
 
 
-def _layer_count(source: str) -> Optional[int]:
-    """``num_hidden_layers`` from a local checkpoint's config.json, without loading it."""
-    try:
-        value = json.loads((Path(source).expanduser() / "config.json").read_text()).get("num_hidden_layers")
-    except (OSError, ValueError, AttributeError):
-        return None  # loading reports what is wrong
+def _layer_count(source: Union[str, Path]) -> Optional[int]:
+    """``num_hidden_layers`` from a local checkpoint's config.json, type-checked as the loader
+    checks it (:func:`attnres_lens.checkpoint_config.checked_config`), without torch; ``None``
+    for a hub id or a directory without a config (loading says what is missing)."""
+    from .checkpoint_config import checked_config
+    from .paths import local_checkpoint
+
+    directory = local_checkpoint(source)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    value = checked_config(directory).get("num_hidden_layers")
     return value if isinstance(value, int) else None
 
 
@@ -636,6 +648,28 @@ def _as_rank(args: argparse.Namespace, distributed: Any) -> None:
         warnings.simplefilter("ignore")
 
 
+def _check_probe_memory(model: Any, batch: int, seq_len: int) -> None:
+    """Refuse, with the estimate and the limit it meets, a probe whose sweeps cannot fit in the
+    memory this process may allocate (the machine, its cgroup, ``ulimit -v``)."""
+    from .resources import MemoryHeadroom, available_memory, gib
+    from .sweep_engine import sweep_memory_bytes
+
+    needed = sweep_memory_bytes(model, batch * seq_len)
+    device = model.embed.weight.device
+    if device.type == "cuda":
+        import torch
+
+        available: Optional[MemoryHeadroom] = MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
+    else:
+        available = available_memory()
+    if available is not None and needed > available.n_bytes:
+        raise CLIError(
+            f"the probe's sweeps need about {gib(needed)} (the weights, {batch} prompts x {seq_len} tokens "
+            f"per pass and one stack of reruns), more than the {available} this run may allocate; lower "
+            "--batch-size or --seq-len, or pass --skip-memory-check to try anyway"
+        )
+
+
 def _checkpoint_dir(out: str) -> Path:
     """Where ``probe --out DIR`` records finished units until the report is written."""
     path = Path(out)
@@ -643,7 +677,6 @@ def _checkpoint_dir(out: str) -> Path:
 
 
 def _probe(args: argparse.Namespace, distributed: Any) -> int:
-    import shutil
     import time
 
     from .bundled import text_windows
@@ -653,7 +686,6 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
     t0 = time.perf_counter()
     _set_threads(args)
     texts = args.texts if hasattr(args, "texts") else _read_texts(args.text)
-    _check_protocol_args(args, _layer_count(args.source))
     model = _load_source(args)
     if isinstance(model.tokenizer, NoTokenizer):
         raise CLIError(
@@ -666,6 +698,9 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
     if tokens.shape[0] < args.prompts:
         reasons.append(f"the text holds only {tokens.shape[0]} windows of {seq_len} tokens")
     _size_note(args.prompts, args.seq_len, tokens.shape[0], tokens.shape[1], "; ".join(reasons))
+    if not args.skip_memory_check:
+        _check_probe_memory(model, tokens.shape[0] if args.batch_size is None else min(args.batch_size, tokens.shape[0]),
+                            tokens.shape[1])
     description = (
         f"{model.cfg.flavour} AttnRes, "
         + ("learned routing" if not model.schedule.is_scheduled else f"wrapped ({model.schedule.kind} schedule)")
@@ -680,6 +715,7 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
             data={"source": ", ".join(args.text)},
             title=f"Routing probe: {args.source}",
             checkpoint_dir=checkpoints,
+            discard_checkpoints=True,
             **_protocol_kwargs(args),
         )
     except distributed.RankStalledError as err:  # resumable too: the finished units stay
@@ -694,12 +730,7 @@ def _probe(args: argparse.Namespace, distributed: Any) -> int:
                 file=sys.stderr,
             )
         raise
-    except BaseException:  # a rerun would fail the same way: a failed run leaves nothing behind
-        if distributed.is_writer():
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        raise
-    if distributed.is_writer():  # the report is complete: the unit records have served
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if distributed.is_writer():  # the report is complete: run_protocol removed the unit records
         _finish(result, args, time.perf_counter() - t0)
     return 0
 
@@ -730,7 +761,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _set_threads(args)
-    _check_protocol_args(args, _layer_count(str(bundled.model_path(bundled.ATTNRES_MODEL))))
+    _check_protocol_args(args, _layer_count(bundled.model_path(bundled.ATTNRES_MODEL)))
     if not args.quiet:
         print(
             f"{PROG} demo: wrapped vanilla Qwen3 (recency schedule, b = {bundled.DEMO_RECENCY_BIAS:g}) vs "
@@ -771,6 +802,7 @@ def _check_output(out: str, *, overwrite: bool, flag: str = "--overwrite") -> No
 
 def _precheck_probe(args: argparse.Namespace) -> None:
     _check_source(args.source)
+    _check_protocol_args(args, _layer_count(args.source))
     _check_tokenizer_dir(args)
     args.texts = _read_texts(args.text)
     _check_output(args.out, overwrite=args.overwrite)
@@ -780,11 +812,13 @@ def _precheck_probe(args: argparse.Namespace) -> None:
 
 
 def _precheck_demo(args: argparse.Namespace) -> None:
+    _check_protocol_args(args, None)  # against the bundled models' layers once they are found
     _check_output(args.out, overwrite=args.overwrite)
 
 
 def _precheck_inspect(args: argparse.Namespace) -> None:
     _check_source(args.source)
+    _layer_count(args.source)  # the config's field types
     _check_tokenizer_dir(args)
 
 

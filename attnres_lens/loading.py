@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layouts
+from .checkpoint_config import COUNT_FIELDS, SUPPORTED_MODEL_TYPES, CheckpointError, check_config_types, read_json
 from .config import AttnResConfig, RoutingSchedule
 from .names import LIBRARY_KEY
 from .outputs import honour_umask
@@ -47,7 +48,6 @@ from .tokenizer import N_BYTES, ByteTokenizer
 if TYPE_CHECKING:  # annotations only: loading never imports the model
     from .model import HookedAttnResTransformer
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_attnres")
 SUPPORTED_ATTNRES_MODES = ("block", "full")
 SUPPORTED_GATE_TYPES = ("bias",)
 WRAP_SCHEDULES = {"kimi": ("uniform",), "cumulative": ("recency",)}
@@ -138,10 +138,6 @@ def checkpoint_shapes(cfg: AttnResConfig, *, with_routers: bool) -> dict[str, tu
 
 
 # ------------------------------------------------------------------------- weight files
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as what it claims to be."""
-
-
 @dataclass
 class WeightFiles:
     """The weight files of a checkpoint directory, indexed by key without reading tensors."""
@@ -175,7 +171,7 @@ class WeightFiles:
             files.kind = "torch"
             if (directory / TORCH_INDEX).exists():
                 index = directory / TORCH_INDEX
-                shards = [_shard_inside(index, name) for name in sorted(set(_read_json(index)["weight_map"].values()))]
+                shards = [_shard_inside(index, name) for name in sorted(set(read_json(index)["weight_map"].values()))]
             else:
                 shards = [directory / TORCH_WEIGHTS]
             for shard in shards:
@@ -191,7 +187,7 @@ class WeightFiles:
         return files
 
     def _index_safetensors(self, index_path: Path) -> None:
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
         for shard in sorted(set(weight_map.values()), key=str):
@@ -310,19 +306,6 @@ def _checked_link(path: Path) -> None:
         raise CheckpointError(str(err)) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read JSON file {str(path)!r}: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: a Hugging Face "
-            f"{path.name} is one JSON object of named fields (e.g. {{\"model_type\": \"qwen3\", ...}})"
-        )
-    return data
-
-
 def _preview(keys: Any, limit: int = 8) -> str:
     keys = sorted(keys)
     if not keys:
@@ -332,38 +315,13 @@ def _preview(keys: Any, limit: int = 8) -> str:
 
 
 # ------------------------------------------------------------------------- configs
-_COUNT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-_OPTIONAL_COUNT_FIELDS = ("head_dim", "num_key_value_heads", "max_position_embeddings", "attnres_num_blocks")
-_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_range", "attnres_recency_bias_init")
-
-
-def check_config_types(hf: dict[str, Any], where: str) -> None:
-    """Refuse a count that is not a positive int (4.7, true, "four") or a float field that is
-    not a finite number, naming the field and ``where`` (the config file)."""
-    for name in _COUNT_FIELDS + _OPTIONAL_COUNT_FIELDS:
-        if name not in hf or (name in _OPTIONAL_COUNT_FIELDS and hf[name] is None):
-            continue
-        value = hf[name]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CheckpointError(f"{where}: {name} must be an integer, got {value!r}")
-        if value < 1:
-            raise CheckpointError(f"{where}: {name} must be a positive integer, got {value!r}")
-    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    floats = [(n, hf.get(n)) for n in _FLOAT_FIELDS] + [("rope_parameters.rope_theta", rope.get("rope_theta"))]
-    for name, value in floats:
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise CheckpointError(f"{where}: {name} must be a finite number, got {value!r}")
-
-
 def check_counts_against_weights(
     hf: dict[str, Any], keys: set[str], shapes: dict[str, tuple[int, ...]], where: str
 ) -> None:
     """The config's layer, width, head and vocabulary counts against the weights themselves,
     before anything is sized from the config (a 1 KB config.json claiming 10^9 layers would
     otherwise exhaust memory building per-layer key maps)."""
-    missing = [name for name in _COUNT_FIELDS if name not in hf]
+    missing = [name for name in COUNT_FIELDS if name not in hf]
     if missing:
         raise CheckpointError(f"{where}: the config lacks the Qwen3 field {missing[0]!r}")
     layers = {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
@@ -681,7 +639,7 @@ def _open_source(source: Union[str, os.PathLike, nn.Module]) -> _SourceFiles:
     directory = _resolve_directory(source)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {str(directory)!r}")
-    hf = _read_json(directory / "config.json")
+    hf = read_json(directory / "config.json")
     if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
         detect_format(hf, set())  # raises the unsupported-architecture error first
     files = WeightFiles.find(directory)

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -259,6 +260,7 @@ def run_protocol(
     intro: str = "",
     overwrite: bool = False,
     checkpoint_dir: Optional[Union[str, Path]] = None,
+    discard_checkpoints: bool = False,
     merge_duplicates: bool = True,
 ) -> ProtocolResult:
     """Measure every subject on ``tokens`` and write the report into ``out_dir``.
@@ -278,7 +280,10 @@ def run_protocol(
 
     With ``checkpoint_dir``, every finished sweep unit is recorded there (one store per model
     and grouping) and a rerun with the same models, tokens and arguments recomputes only what
-    is missing. Under ``torchrun`` the sweeps are shared across the ranks; rank 0 alone writes
+    is missing. With ``discard_checkpoints=True`` they are removed once the report is written,
+    or when the run fails in a way a rerun cannot mend (an interruption or a stalled rank keeps
+    them to resume from), while the run still holds ``out_dir``'s lock: a next run on
+    ``out_dir`` never sees them half-removed. Under ``torchrun`` the sweeps are shared across the ranks; rank 0 alone writes
     ``out_dir``, and only once every unit is present (``docs/scale.md``). One run at a time
     writes ``out_dir``: a second is refused (:class:`~attnres_lens.outputs.OutputLockedError`,
     naming the first one's pid).
@@ -290,8 +295,24 @@ def run_protocol(
     _check_subjects(subjects, settings)
     check_output_dir(out_dir, overwrite=overwrite)
     with _one_writer(out_dir):
-        return _run_protocol(subjects, tokens, out_dir, settings, progress=progress, command=command, data=data,
-                             title=title, intro=intro, overwrite=overwrite, checkpoint_dir=checkpoint_dir)
+        try:
+            result = _run_protocol(subjects, tokens, out_dir, settings, progress=progress, command=command, data=data,
+                                   title=title, intro=intro, overwrite=overwrite, checkpoint_dir=checkpoint_dir)
+        except (KeyboardInterrupt, distributed.RankStalledError):
+            raise  # a rerun resumes from the finished units
+        except BaseException:
+            if discard_checkpoints:
+                _discard(checkpoint_dir)
+            raise
+        if discard_checkpoints:
+            _discard(checkpoint_dir)
+        return result
+
+
+def _discard(checkpoint_dir: Optional[Union[str, Path]]) -> None:
+    """Remove a run's unit records (rank 0, which holds the output lock)."""
+    if checkpoint_dir is not None and distributed.is_writer():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ here, once; :mod:`attnres_lens.interventions`, :mod:`attnres_lens.patching` and
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .bands import BandsLike, LayerOutOfRangeError, default_bands, layers_text, resolve_bands
 from .names import GROUPINGS, SUBLAYERS, RouterId, router_name
 from .router import FAMILIES, RouterSpec
 
@@ -42,10 +42,6 @@ if TYPE_CHECKING:  # annotations only: the model's modules import this one (via 
 IndexSelector = Union[None, slice, tuple[int, ...]]
 #: ``(router, source index)``, the address of one depth-source slice.
 SlicePair = tuple[str, int]
-
-
-class LayerOutOfRangeError(IndexError, ValueError):
-    """A layer index outside the model (both an index error and a bad value)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -388,56 +384,6 @@ def merge_touched(
 
 
 # ============================================================================ bands
-#: Bands as users give them: ``None`` (the default early/late halves) or ``{name: layers}``.
-BandsLike = Optional[Mapping[str, Any]]
-
-
-def default_bands(n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Early/late halves of the layers: ``early = [0, ceil(L/2))``, ``late`` = the rest (a
-    one-layer model has only ``early``)."""
-    half = math.ceil(n_layers / 2)
-    bands = {"early": tuple(range(half)), "late": tuple(range(half, n_layers))}
-    return {name: layers for name, layers in bands.items() if layers}
-
-
-def resolve_bands(bands: BandsLike, n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Validate ``bands`` against a model of ``n_layers`` layers (the one rule: every band holds
-    layers of the model, and no layer is in two bands); ``None`` gives :func:`default_bands`."""
-    if bands is None:
-        return default_bands(n_layers)
-    if not isinstance(bands, Mapping):
-        raise TypeError(f"bands must be a mapping name -> layers, e.g. {default_bands(n_layers)}; got {bands!r}")
-    if not bands:
-        raise ValueError(f"bands is empty; give a mapping name -> layers, e.g. {default_bands(n_layers)}")
-    resolved: dict[str, tuple[int, ...]] = {}
-    owner: dict[int, str] = {}  # layer -> the band holding it
-    for name, layers in bands.items():
-        resolved[name] = _band_layers(name, layers, n_layers)
-        for layer in resolved[name]:
-            if layer in owner:
-                raise ValueError(f"layer {layer} is in two bands: {owner[layer]!r} and {name!r}; bands may not overlap")
-            owner[layer] = name
-    return resolved
-
-
-def _band_layers(name: Any, layers: Any, n_layers: int) -> tuple[int, ...]:
-    if not isinstance(name, str):
-        raise TypeError(f"band names must be str, got {name!r}")
-    if not name:
-        raise ValueError("band names must be non-empty strings")
-    layers = tuple(layers)
-    if not layers:
-        raise ValueError(f"band {name!r} has no layers")
-    for layer in layers:
-        if not _is_int(layer):
-            raise TypeError(f"band {name!r} must hold int layers, got {layer!r}")
-        if not 0 <= layer < n_layers:
-            raise LayerOutOfRangeError(
-                f"band {name!r}: layer {layer} out of range; the model's layers are 0..{n_layers - 1}"
-            )
-    return tuple(int(layer) for layer in layers)
-
-
 def band_of(spec: RouterSpec, bands: Mapping[str, tuple[int, ...]]) -> Optional[str]:
     """The band of a router's layer (``None`` for the final router, which is its own sublayer
     kind ``"final"`` in band groupings, and for layers no band holds)."""
@@ -447,14 +393,6 @@ def band_of(spec: RouterSpec, bands: Mapping[str, tuple[int, ...]]) -> Optional[
         if spec.layer in layers:
             return name
     return None
-
-
-def layers_text(layers: Sequence[int]) -> str:
-    """``"0-3"`` for a run of layers, else ``"0,2,5"``."""
-    layers = sorted(layers)
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
-    return ",".join(map(str, layers))
 
 
 # ============================================================================ group descriptions

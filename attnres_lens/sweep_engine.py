@@ -115,12 +115,26 @@ def default_budget(model: HookedAttnResTransformer, tokens_per_prompt_batch: int
     """Tokens per stacked forward: about 1 GiB of activations and logits, and on CPU at most
     4096 (beyond that a stack only adds memory traffic there: measured with
     ``benchmarks/sweep.py``)."""
+    cap = 1 << 12 if model.embed.weight.device.type == "cpu" else 1 << 15
+    return max(tokens_per_prompt_batch, min(cap, (1 << 30) // activation_bytes_per_token(model)))
+
+
+def activation_bytes_per_token(model: HookedAttnResTransformer) -> int:
+    """What one token of a forward keeps at its widest: logits twice over, the stacked sources
+    of the widest router and the sublayer activations (the unit of :func:`default_budget`)."""
     cfg = model.cfg
     max_sources = max(spec.n_sources for spec in model.router_specs)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
-    per_token = itemsize * (2 * cfg.d_vocab + cfg.d_model * (max_sources + 8) + 3 * cfg.d_mlp)
-    cap = 1 << 12 if model.embed.weight.device.type == "cpu" else 1 << 15
-    return max(tokens_per_prompt_batch, min(cap, (1 << 30) // per_token))
+    return itemsize * (2 * cfg.d_vocab + cfg.d_model * (max_sources + 8) + 3 * cfg.d_mlp)
+
+
+def sweep_memory_bytes(model: HookedAttnResTransformer, tokens_per_prompt_batch: int) -> int:
+    """A rough upper estimate of what an exact sweep over a batch of
+    ``tokens_per_prompt_batch`` tokens holds at once: the weights, the clean pass kept for the
+    reruns, and one stack of reruns at :func:`default_budget` tokens."""
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    stack = default_budget(model, tokens_per_prompt_batch)
+    return weights + activation_bytes_per_token(model) * (tokens_per_prompt_batch + stack)
 
 
 def stacks(reruns: Iterable[Rerun], batch: int, n_pos: int, budget: int) -> Iterator[list[Rerun]]:
@@ -347,7 +361,9 @@ __all__ = [
     "Rerun",
     "ValuesFromPosition",
     "clean_pass",
+    "activation_bytes_per_token",
     "default_budget",
+    "sweep_memory_bytes",
     "first_position",
     "full_logits",
     "run_batched",

@@ -90,7 +90,7 @@ from .outputs import (
     remove_stale,
     restore_set_aside,
 )
-from .resources import available_memory_bytes, gib
+from .resources import MemoryHeadroom, available_memory, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .router import router_parameters
@@ -753,15 +753,15 @@ def activation_memory_bytes(cfg: TrainConfig, n_vocab: int) -> int:
 def _check_activation_memory(cfg: TrainConfig, n_vocab: int, device: torch.device) -> None:
     needed = activation_memory_bytes(cfg, n_vocab)
     if device.type == "cuda":
-        available: Optional[int] = torch.cuda.mem_get_info(device)[0]
+        available: Optional[MemoryHeadroom] = MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
     else:
-        available = available_memory_bytes()
-    if available is not None and needed > available:
+        available = available_memory()
+    if available is not None and needed > available.n_bytes:
         raise TrainingError(
             f"a training step needs about {gib(needed)} (batch {cfg.batch_size} x {cfg.seq_len} tokens, "
-            f"{cfg.n_layers} layers, d_model {cfg.d_model}), more than the {gib(available)} available "
-            f"on {device}; lower --seq-len or --batch-size, or pass --skip-memory-check "
-            "(check_memory=False) to try anyway"
+            f"{cfg.n_layers} layers, d_model {cfg.d_model}), more than the {available} this run may "
+            "allocate; lower --seq-len or --batch-size, or pass --skip-memory-check (check_memory=False) "
+            "to try anyway"
         )
 
 

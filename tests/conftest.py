@@ -1,8 +1,9 @@
 """Test configuration: every public annotation of attnres_lens is checked at runtime.
 
-The jaxtyping import hook must be installed before anything imports ``attnres_lens``: it
-decorates every function and class in the package with ``jaxtyping.jaxtyped(typechecker=
-beartype)``, so shape names (``batch pos source``) are checked for consistency within a call.
+The import hook (tests/typecheck.py, jaxtyping's hook less what it states) must be installed
+before anything imports ``attnres_lens``: it decorates every function and class in the package
+with ``jaxtyping.jaxtyped(typechecker=beartype)``, so shape names (``batch pos source``) are
+checked for consistency within a call.
 """
 
 import os
@@ -11,13 +12,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 import torch
-from jaxtyping import install_import_hook
+from typecheck import checked_imports
 
 # The suite runs tiny models, for which thread start-up costs more than it saves; on a shared
 # 2-core machine several threads per process make each forward up to 100x slower.
 torch.set_num_threads(1)
 
-with install_import_hook("attnres_lens", "beartype.beartype"):
+with checked_imports():
     import importlib
     import pkgutil
 

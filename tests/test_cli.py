@@ -4,9 +4,11 @@ bundled models and the demo's summary.json contract."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -381,12 +383,43 @@ print(json.dumps(results))
 """
 
 
-def test_arguments_checkable_without_torch_fail_before_it_is_imported(tiny_dirs, tmp_path):
-    """A wrong path, a missing --text file, too few prompts or resamples, an output that cannot
-    be created: each refused before torch is imported, naming the user's path, leaving nothing."""
+def _config_variants(source: Path, root: Path, **fields: Any) -> dict[str, str]:
+    """Copies of checkpoint ``source`` under ``root`` whose config.json sets one field each."""
+    made = {}
+    for name, value in fields.items():
+        target = root / name
+        shutil.copytree(source, target)
+        config = json.loads((target / "config.json").read_text())
+        config["num_hidden_layers"] = value
+        (target / "config.json").write_text(json.dumps(config))
+        made[name] = str(target)
+    return made
+
+
+def test_arguments_checkable_without_torch_fail_before_it_is_imported(tiny_dirs, tmp_path, tmp_path_factory):
+    """A wrong path, a missing or empty --text file, too few prompts or resamples, bands the
+    model cannot have, a config field of the wrong type, an output that cannot be created: each
+    refused before torch is imported, naming the user's path, leaving nothing."""
     ckpt, text, afile = str(tiny_dirs["cumulative"]), str(tiny_dirs["text"]), tmp_path / "afile"
     afile.write_text("x")
+    inputs = tmp_path_factory.mktemp("inputs")
+    empty, blank = inputs / "empty.txt", inputs / "blank.txt"
+    empty.write_text("")
+    blank.write_text(" \n\t\n")
+    bad = _config_variants(tiny_dirs["cumulative"], inputs, word="four", fraction=4.7, flag=True)
+    n_layers = json.loads((tiny_dirs["cumulative"] / "config.json").read_text())["num_hidden_layers"]
     cases = [  # (argv, exit code, what the one line says)
+        (["probe", ckpt, "--text", text, str(empty)], 1, f"--text: {empty} is empty; give text"),
+        (["probe", ckpt, "--text", str(blank)], 1, f"--text: {blank} is empty (only whitespace)"),
+        (["probe", ckpt, "--text", text, "--bands", "a=0-1", "b=1"], 1, "layer 1 is in two bands: 'a' and 'b'"),
+        (["probe", ckpt, "--text", text, "--bands", "a=0", f"b=1-{n_layers}"], 1,
+         f"band 'b': layer {n_layers} out of range; the model's layers are 0..{n_layers - 1}"),
+        (["probe", ckpt, "--text", text, "--bands", "a=0", "a=1"], 1, "--bands: each band name once, got a more"),
+        (["demo", "--bands", "x=0", "x=1"], 1, "--bands: each band name once, got x more"),
+        (["probe", bad["word"], "--text", text], 1,
+         f"{bad['word']}/config.json: num_hidden_layers must be an integer, got 'four'"),
+        (["probe", bad["fraction"], "--text", text], 1, "config.json: num_hidden_layers must be an integer, got 4.7"),
+        (["inspect", bad["flag"]], 1, f"{bad['flag']}/config.json: num_hidden_layers must be an integer, got True"),
         (["probe", str(tmp_path / "no-ckpt"), "--text", text], 1, f"{str(tmp_path / 'no-ckpt')!r} is neither a local directory"),
         (["probe", text, "--text", text], 1, f"{text!r} is a file; pass the checkpoint directory"),
         (["probe", ckpt, "--text", str(tmp_path / "missing.txt")], 1, f"--text: {tmp_path / 'missing.txt'} is not a file"),
@@ -455,3 +488,58 @@ def test_a_failed_probe_removes_its_checkpoints_an_interrupted_one_keeps_them(ti
     monkeypatch.setattr(protocol, "_write_report", written)
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_HOLD_LOCK = """
+import sys
+from attnres_lens.outputs import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_probe_refused_by_the_lock_leaves_the_running_probes_records(tiny_dirs, tmp_path, capsys):
+    """A second probe on an --out another process is writing is refused, and does not remove
+    OUT.checkpoints/, which is the first run's."""
+    import os
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    (checkpoints / "model").mkdir(parents=True)
+    (checkpoints / "model" / "record").write_text("the first run's")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out),
+                *PROBE_FAST, "--quiet"]
+        assert main(argv) == 1
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert (checkpoints / "model" / "record").read_text() == "the first run's"
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_finished_probe_removes_its_records_before_it_releases_the_lock(tiny_dirs, tmp_path, monkeypatch):
+    """The records go while the run still holds --out's lock: a next probe that takes the lock
+    never finds them half-removed under it."""
+    import contextlib
+
+    from attnres_lens import protocol
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
+    held = protocol.output_lock
+    seen = []
+
+    @contextlib.contextmanager
+    def observed_lock(path):
+        with held(path) as lock:
+            yield lock
+            seen.append(checkpoints.exists())  # the last moment the lock is held
+
+    monkeypatch.setattr(protocol, "output_lock", observed_lock)
+    argv = ["probe", str(tiny_dirs["cumulative"]), "--text", str(tiny_dirs["text"]), "--out", str(out),
+            *PROBE_FAST, "--quiet"]
+    assert main(argv) == 0
+    assert seen == [False] and not checkpoints.exists() and (out / "report.md").is_file()
