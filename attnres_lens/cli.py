@@ -651,17 +651,11 @@ def _as_rank(args: argparse.Namespace, distributed: Any) -> None:
 def _check_probe_memory(model: Any, batch: int, seq_len: int) -> None:
     """Refuse, with the estimate and the limit it meets, a probe whose sweeps cannot fit in the
     memory this process may allocate (the machine, its cgroup, ``ulimit -v``)."""
-    from .resources import MemoryHeadroom, available_memory, gib
+    from .resources import available_memory_on, gib
     from .sweep_engine import sweep_memory_bytes
 
     needed = sweep_memory_bytes(model, batch * seq_len)
-    device = model.embed.weight.device
-    if device.type == "cuda":
-        import torch
-
-        available: Optional[MemoryHeadroom] = MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
-    else:
-        available = available_memory()
+    available = available_memory_on(model.embed.weight.device)
     if available is not None and needed > available.n_bytes:
         raise CLIError(
             f"the probe's sweeps need about {gib(needed)} (the weights, {batch} prompts x {seq_len} tokens "

@@ -19,7 +19,7 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 #: A cgroup v1 limit at or above this is "no limit" (the kernel writes 2^63 rounded to pages).
 _V1_UNLIMITED = 1 << 62
@@ -48,6 +48,16 @@ def available_memory(proc: Union[str, os.PathLike] = "/proc") -> Optional[Memory
     """The smallest of :func:`memory_headrooms`: what a run can allocate before some limit stops
     it; ``None`` when nothing says."""
     return min(memory_headrooms(proc), key=lambda headroom: headroom.n_bytes, default=None)
+
+
+def available_memory_on(device: Any) -> Optional[MemoryHeadroom]:
+    """What a run on ``device`` (a ``torch.device``) can allocate: a CUDA device's free memory,
+    else :func:`available_memory` (torch is imported only for a CUDA device)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
+    return available_memory()
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -193,4 +203,4 @@ def _v1_headroom(directory: Path) -> Optional[MemoryHeadroom]:
     return MemoryHeadroom(headroom, f"the cgroup limit memory.limit_in_bytes of {gib(limit)} at {directory}")
 
 
-__all__ = ["MemoryHeadroom", "available_memory", "available_memory_bytes", "gib", "memory_headrooms"]
+__all__ = ["MemoryHeadroom", "available_memory", "available_memory_on", "available_memory_bytes", "gib", "memory_headrooms"]

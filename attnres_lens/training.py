@@ -90,7 +90,7 @@ from .outputs import (
     remove_stale,
     restore_set_aside,
 )
-from .resources import MemoryHeadroom, available_memory, gib
+from .resources import available_memory_on, gib
 from .config import AttnResConfig
 from .model import HookedAttnResTransformer
 from .router import router_parameters
@@ -752,10 +752,7 @@ def activation_memory_bytes(cfg: TrainConfig, n_vocab: int) -> int:
 
 def _check_activation_memory(cfg: TrainConfig, n_vocab: int, device: torch.device) -> None:
     needed = activation_memory_bytes(cfg, n_vocab)
-    if device.type == "cuda":
-        available: Optional[MemoryHeadroom] = MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
-    else:
-        available = available_memory()
+    available = available_memory_on(device)
     if available is not None and needed > available.n_bytes:
         raise TrainingError(
             f"a training step needs about {gib(needed)} (batch {cfg.batch_size} x {cfg.seq_len} tokens, "

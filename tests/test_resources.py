@@ -167,3 +167,9 @@ def test_probe_refuses_sweeps_that_cannot_fit_and_names_the_limit(tmp_path):
     assert f"the probe's sweeps need about {gib(needed)} (the weights, 32 prompts x 512 tokens" in message
     assert "RLIMIT_AS (ulimit -v)" in message and "--skip-memory-check" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "text.txt"]
+
+
+def test_a_cpu_run_meets_the_process_limits():
+    from attnres_lens.resources import available_memory_on
+
+    assert available_memory_on(torch.device("cpu")).source == available_memory().source
