@@ -283,8 +283,9 @@ def run_protocol(
     is missing. With ``discard_checkpoints=True`` they are removed once the report is written,
     or when the run fails in a way a rerun cannot mend (an interruption or a stalled rank keeps
     them to resume from), while the run still holds ``out_dir``'s lock: a next run on
-    ``out_dir`` never sees them half-removed. Under ``torchrun`` the sweeps are shared across the ranks; rank 0 alone writes
-    ``out_dir``, and only once every unit is present (``docs/scale.md``). One run at a time
+    ``out_dir`` never sees them half-removed. Under ``torchrun`` the sweeps are shared across
+    the ranks; rank 0 alone writes ``out_dir``, and only once every unit is present
+    (``docs/scale.md``). One run at a time
     writes ``out_dir``: a second is refused (:class:`~attnres_lens.outputs.OutputLockedError`,
     naming the first one's pid).
     """

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-#: A cgroup v1 limit at or above this is "no limit" (the kernel writes 2^63 rounded to pages).
+#: A cgroup limit at or above this is "no limit" (v1 writes 2^63 rounded down to pages).
 _V1_UNLIMITED = 1 << 62
 
 
@@ -58,12 +58,6 @@ def available_memory_on(device: Any) -> Optional[MemoryHeadroom]:
 
         return MemoryHeadroom(torch.cuda.mem_get_info(device)[0], f"free on {device}")
     return available_memory()
-
-
-def available_memory_bytes() -> Optional[int]:
-    """:func:`available_memory` in bytes."""
-    headroom = available_memory()
-    return None if headroom is None else headroom.n_bytes
 
 
 def gib(n_bytes: Union[int, float]) -> str:
@@ -113,11 +107,7 @@ def _rlimit_headrooms(proc: Path) -> list[Optional[MemoryHeadroom]]:
 # ============================================================================ cgroups
 def _cgroup_headrooms(proc: Path) -> list[Optional[MemoryHeadroom]]:
     """The headroom at this process's memory cgroup and each group above it that has a limit."""
-    found = []
-    for directory, version in _memory_cgroups(proc):
-        read = _v2_headroom if version == 2 else _v1_headroom
-        found.append(read(directory))
-    return found
+    return [_cgroup_headroom(directory, version) for directory, version in _memory_cgroups(proc)]
 
 
 def _memory_cgroups(proc: Path) -> list[tuple[Path, int]]:
@@ -184,23 +174,22 @@ def _stat_field(path: Path, name: str) -> int:
     return 0
 
 
-def _v2_headroom(directory: Path) -> Optional[MemoryHeadroom]:
-    limit, used = _read_int(directory / "memory.max"), _read_int(directory / "memory.current")
-    if limit is None or used is None:
+#: Per cgroup version: the limit file, the usage file, and the memory.stat field of the page
+#: cache the group can drop (counted in the usage, not a claim on the limit).
+_CGROUP_FILES = {
+    2: ("memory.max", "memory.current", "inactive_file"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+
+
+def _cgroup_headroom(directory: Path, version: int) -> Optional[MemoryHeadroom]:
+    limit_file, usage_file, cache_field = _CGROUP_FILES[version]
+    limit, used = _read_int(directory / limit_file), _read_int(directory / usage_file)
+    if limit is None or used is None or limit >= _V1_UNLIMITED:  # v2 writes "max", v1 ~2^63
         return None
-    reclaimable = _stat_field(directory / "memory.stat", "inactive_file")
+    reclaimable = _stat_field(directory / "memory.stat", cache_field)
     headroom = max(limit - max(used - reclaimable, 0), 0)
-    return MemoryHeadroom(headroom, f"the cgroup limit memory.max of {gib(limit)} at {directory}")
+    return MemoryHeadroom(headroom, f"the cgroup limit {limit_file} of {gib(limit)} at {directory}")
 
 
-def _v1_headroom(directory: Path) -> Optional[MemoryHeadroom]:
-    limit = _read_int(directory / "memory.limit_in_bytes")
-    used = _read_int(directory / "memory.usage_in_bytes")
-    if limit is None or used is None or limit >= _V1_UNLIMITED:
-        return None
-    reclaimable = _stat_field(directory / "memory.stat", "total_inactive_file")
-    headroom = max(limit - max(used - reclaimable, 0), 0)
-    return MemoryHeadroom(headroom, f"the cgroup limit memory.limit_in_bytes of {gib(limit)} at {directory}")
-
-
-__all__ = ["MemoryHeadroom", "available_memory", "available_memory_on", "available_memory_bytes", "gib", "memory_headrooms"]
+__all__ = ["MemoryHeadroom", "available_memory", "available_memory_on", "gib", "memory_headrooms"]
